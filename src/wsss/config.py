@@ -1,0 +1,314 @@
+"""Typed configuration: dataclasses filled from YAML with `_base_` inheritance and `key=value` overrides.
+
+Why not OmegaConf: we need two things it does not give - an unknown key reported with the closest valid
+key, and a `method` section whose schema depends on `method.name` (each method family owns its own
+dataclass, see `wsss.methods`). Both take a hundred lines here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    format: str = "auto"  # auto | voc | coco | folder
+    train_split: str = "train"
+    val_split: str = "val"
+    tags_file: str = ""  # folder format: CSV or JSON of tags (default: <root>/tags.csv or tags.json)
+    crop_size: int = 224
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random resize before the crop
+    hflip: bool = True
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = -1  # -1: chosen from the machine
+    skip_bad: bool = False  # skip unreadable samples (listed in the run log) instead of stopping
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "mobilenetv2_100"  # a timm name or a wsss offline name (see wsss.models)
+    pretrained: bool = True  # timm hub weights (online) or the packaged offline weights
+    weights: str = ""  # a local weights file, loaded with weights_only=True; wins over `pretrained`
+    img_size: int = 224  # ViTs: the size position embeddings are built for (interpolated at other sizes)
+    output_stride: int = 16  # CNNs: the last stages are dilated to reach it
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16  # global batch: split over processes under torchrun
+    seed: int = 0
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    lr: float = 1e-3  # the head's learning rate
+    backbone_lr_mult: float = 0.1  # backbone lr = lr * this
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | poly | constant
+    warmup_epochs: float = 0.0  # linear lr warm-up
+    freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
+    trainable_blocks: int = -1  # after the freeze: train only the last N backbone blocks (-1: all)
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float = 0.0  # max grad norm, 0 = off
+    max_steps_per_epoch: int = 0  # 0 = the whole dataset
+    val_every: int = 1  # epochs between val pseudo-mask mIoU (when the val split has masks)
+    log_every: int = 10  # steps
+
+
+@dataclass
+class CRFConfig:
+    preset: str = "vit_pcm"  # vit_pcm | toco | custom (then the values below are used as given)
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    workers: int = -1  # CRF worker processes, -1: chosen from the machine
+
+
+@dataclass
+class InferConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    size: int = 0  # resize the short side to this before inference (0: the crop size)
+    bg_threshold: float = 0.3  # methods without a background class: background score
+    bg_alpha: float = 0.0  # > 0: background = (1 - max_c A_c) ** alpha instead of the threshold
+    crf: CRFConfig = field(default_factory=CRFConfig)
+
+
+@dataclass
+class SegmentConfig:
+    arch: str = "deeplabv3"  # deeplabv3 | deeplabv3plus | deeplabv2
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    crop_size: int = 320
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the dataclass registered under method.name (wsss.methods)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file path, or a preset name such as `demo/tkp_pcl` from the packaged configs."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    stem = str(name).removesuffix(".yaml").removeprefix("configs/")
+    candidates.append(PRESET_DIR / f"{stem}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{name}: no such config file or preset (presets: {', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+
+
+def _deep_merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for k, v in child.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not v.get("_replace_", False):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = {kk: vv for kk, vv in v.items() if kk != "_replace_"} if isinstance(v, dict) else v
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The merged mapping of a config file and its `_base_` chain (a path or list, relative to the file)."""
+    path = resolve_path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `_base_` cycle through {' -> '.join(map(str, _seen))}")
+    data = load_yaml(path)
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_raw(resolve_path(b, path.parent), (*_seen, path.resolve())))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node[k] = dict(node.get(k) or {})
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check and convert one leaf value against its annotation (int -> float, scalar -> list...)."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for t in typing.get_args(typ):
+            if t is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, t, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not match {typ}")
+    if origin is list:
+        (inner,) = typing.get_args(typ) or (Any,)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(items)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
+            return float(value.replace(".", ""))
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, raw: dict, where: str = "") -> Any:
+    """Fill dataclass `cls` from a mapping; unknown keys are errors that name the closest valid key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {valid})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = build_dataclass(typ, value or {}, full)
+        elif key == "method" and cls is Config:
+            kwargs[key] = build_method_config(value or {}, full)
+        else:
+            kwargs[key] = _coerce(value, typ, full)
+    obj = cls(**kwargs)
+    if cls is Config and obj.method is None:
+        obj.method = build_method_config({}, "method")
+    return obj
+
+
+def build_method_config(raw: dict, where: str) -> Any:
+    from wsss.methods import METHOD_CONFIGS  # each family registers its own dataclass
+
+    raw = dict(raw)
+    name = raw.get("name", "patch_classification")
+    if name not in METHOD_CONFIGS:
+        close = difflib.get_close_matches(str(name), list(METHOD_CONFIGS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown method '{name}' at {where}.name{hint} (known: {', '.join(METHOD_CONFIGS)})")
+    return build_dataclass(METHOD_CONFIGS[name], raw, where)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config file (or preset name) with its `_base_` chain, apply `key=value` overrides."""
+    raw = load_raw(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return build_dataclass(Config, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    return build_dataclass(Config, raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from wsss.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,49 @@
+"""The one small interface every method family implements (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    """A weakly supervised segmentation method: losses for a batch, class maps for images.
+
+    Conventions: `num_classes` counts the background (index 0); `labels` are multi-hot over the
+    C = num_classes - 1 foreground classes (column c-1 is class c).
+    """
+
+    #: True when channel 0 of `class_maps` is a learned background score (patch classification);
+    #: False when the background is derived at inference from a threshold (CAM).
+    has_background: bool = True
+
+    def __init__(self, cfg, model_cfg, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    def forward_losses(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """Training losses for a batch. Key "loss" is the total to backpropagate; the other entries are
+        its terms, logged as they are."""
+        raise NotImplementedError
+
+    def class_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Non-negative class maps [B, num_classes, h, w] at feature resolution, higher = more that class.
+        Channel 0 is the background score when `has_background`, else zeros."""
+        raise NotImplementedError
+
+    def image_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """Foreground class probabilities [B, C] in [0, 1] for predicted tags."""
+        raise NotImplementedError
+
+    def backbone_blocks(self) -> list[nn.Module]:
+        """The backbone's blocks from input to output, for freezing and partial unfreezing."""
+        return list(self.backbone.blocks())  # type: ignore[attr-defined]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters outside the backbone (trained at the full learning rate)."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}  # type: ignore[attr-defined]
+        return [p for p in self.parameters() if id(p) not in backbone_ids and p.requires_grad]
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. an EMA teacher update)."""
