@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
+from wsss.errors import ConfigError  # re-exported: callers import it from here
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
 
 
 @dataclass

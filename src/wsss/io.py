@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wsss.errors import DataError  # re-exported: callers import it from here
+
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
 
 
 @contextlib.contextmanager
