@@ -103,25 +103,12 @@ class InferConfig:
 
 
 @dataclass
-class SegmentConfig:
-    arch: str = "deeplabv3"  # deeplabv3 | deeplabv3plus | deeplabv2
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 1e-4
-    crop_size: int = 320
-
-
-@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = None  # the dataclass registered under method.name (wsss.methods)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,32 +1,218 @@
 """CAM seeds: plain CAM (global average pooling) and USAGE (temperature generation loss + EMA teacher
 regularisation), for CNN and Transformer backbones.
 
-IMPLEMENTATION PENDING (helper). The config dataclass below is the contract.
+A 1x1 convolution without bias on the backbone's feature grid gives the activation maps
+A [B, C, h, w] over the C = num_classes - 1 foreground classes; seeds are ReLU(A) (`class_maps`).
+
+How USAGE (Peng et al., 2023) maps to this code:
+
+- Generation loss (USAGE Sec. 4.1) -> `generation_loss`: s_c = sum_i softmax_i(A_c,i / tau) * A_c,i
+  (`wsss.pooling.temperature_pool`), then the multilabel soft-margin loss of s against the tags.
+  `tau = inf` is GAP, i.e. the plain CAM baseline; small tau > 0 approaches max pooling; tau < 0 weights
+  the weakest positions (towards min pooling).
+- Regularisation loss (USAGE Sec. 4.2) -> `regularisation_loss`: the same image goes through the
+  trained network (the student) with strong network adjustment (`reg.student_drop`) and through an EMA
+  copy of it (the teacher, `reg.ema`, updated in `after_step`) with weak adjustment (`reg.teacher_drop`).
+  L_REG = sum over present classes of KL(alpha_teacher_c || alpha_student_c), alpha_c the spatial softmax
+  of A_c; the teacher side is stop-gradient and optionally sharpened (`reg.teacher_tau`).
+  Total: L = L_GEN + reg.weight * L_REG.
+
+The "deterministic principle": the sign and size of tau are fixed by the backbone kind, not searched per
+dataset. CNN CAMs under-activate (only the most discriminative part fires): tau < 0 makes the score
+depend on the weakest positions, so the loss pushes activation out over the whole object and the seeds
+expand. Transformer CAMs over-activate (attention spreads onto background): a small tau > 0 makes the
+score max-like, so only the peak needs to fire and the seeds shrink. `default_tau(kind)` holds the values
+per kind (provisional until the sweep over tau fixes them).
+
+Network adjustment: the student's feature grid goes through element-wise dropout at the adjustment rate
+(every backbone supports this), and every `DropPath` module inside the backbone (timm's stochastic
+depth) has its `drop_prob` set to the same rate for that forward, then restored. Backbones without
+DropPath modules (CNNs without residual drop-path, or timm models built with `drop_path_rate: 0`, where
+timm puts `nn.Identity` in their place) get feature dropout only; build them with
+`model.backbone.drop_path_rate > 0` to get drop-path adjustment too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.config import ConfigError
 from wsss.methods.base import Method
+from wsss.pooling import spatial_softmax, temperature_pool
+
+#: Provisional tau per backbone kind (deterministic principle); to be fixed by the tau sweep.
+DEFAULT_TAU = {"cnn": -4.0, "transformer": 1.0}
+
+
+def default_tau(kind: str) -> float:
+    """USAGE's generation temperature for a backbone kind: < 0 expands CNN seeds, small > 0 shrinks
+    Transformer seeds. Provisional values until the sweep fixes them."""
+    if kind not in DEFAULT_TAU:
+        raise ValueError(f"unknown backbone kind {kind!r} (known: {', '.join(DEFAULT_TAU)})")
+    return DEFAULT_TAU[kind]
 
 
 @dataclass
 class RegConfig:
-    weight: float = 0.0  # w_REG; 0 turns the teacher/student regularisation off
+    weight: float = 0.0  # w_REG; 0 turns the teacher/student regularisation off (no teacher is built)
     student_drop: float = 0.5  # strong network adjustment (dropout / drop-path) for the student
     teacher_drop: float = 0.1  # weak adjustment for the teacher
     ema: float = 0.999  # teacher = EMA of the student
-    teacher_tau: float = 1.0  # sharpening temperature of the teacher's spatial distribution
+    teacher_tau: float = 1.0  # sharpening of the teacher's distribution: a multiplier of the REG
+    #                           temperature (1 = same as the student, < 1 sharper)
+    tau: float = 0.0  # temperature of the compared spatial distributions; 0: the generation tau when
+    #                   finite, else 1.0 (GAP has no spatial distribution to compare)
+    drop_path: bool = True  # also set the backbone's DropPath modules to the adjustment rates
+    teacher_maps: bool = False  # class_maps / image_scores from the EMA teacher instead of the student
 
 
 @dataclass
 class CAMConfig:
     name: str = "cam"
     tau: float = math.inf  # generation temperature: inf = GAP (plain CAM), > 0 towards max, < 0 towards min
+    drop: float = 0.0  # dropout on the feature grid before the classifier in training (when REG is on,
+    #                    the student uses reg.student_drop instead)
     reg: RegConfig = field(default_factory=RegConfig)
 
 
+def generation_loss(maps: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_GEN and the scores s [B, C] for activation maps [B, C, h, w] (or [B, C, N])."""
+    scores = temperature_pool(maps.flatten(2).float(), tau)
+    return F.multilabel_soft_margin_loss(scores, labels.float()), scores
+
+
+def regularisation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float, teacher_tau: float = 1.0
+) -> torch.Tensor:
+    """L_REG: sum over present classes of KL(alpha_teacher_c || alpha_student_c), mean over the batch.
+
+    `student`, `teacher`: activation maps [B, C, h, w]; the teacher's are detached here."""
+    s = student.flatten(2).float()
+    t = teacher.detach().flatten(2).float()
+    log_s = torch.log_softmax(s / tau, dim=-1)  # = log spatial_softmax(s, tau), without underflow
+    p_t = spatial_softmax(t, tau * teacher_tau)
+    kl = F.kl_div(log_s, p_t, reduction="none").sum(-1)  # [B, C]; xlogy handles p_t = 0
+    present = (labels > 0.5).to(kl.dtype)
+    return (kl * present).sum() / max(kl.shape[0], 1)
+
+
+@contextlib.contextmanager
+def drop_path_rate(module: nn.Module, rate: float):
+    """Temporarily set every DropPath (timm stochastic depth) inside `module` to `rate`; yields how many."""
+    mods = [m for m in module.modules() if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob")]
+    old = [m.drop_prob for m in mods]
+    for m in mods:
+        m.drop_prob = rate
+    try:
+        yield len(mods)
+    finally:
+        for m, p in zip(mods, old, strict=True):
+            m.drop_prob = p
+
+
 class CAMMethod(Method):
+    """CAM / USAGE. Baseline CAM = `tau: inf`, `reg.weight: 0`. See the module docstring."""
+
     has_background = False
+
+    def __init__(self, cfg: CAMConfig, model_cfg, num_classes: int, backbone: nn.Module | None = None):
+        super().__init__(cfg, model_cfg, num_classes)
+        _check(cfg)
+        if backbone is None:  # injectable for tests; imported late so wsss.methods imports without it
+            from wsss.models import create_backbone
+
+            backbone = create_backbone(model_cfg.backbone)
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.out_channels, num_classes - 1, kernel_size=1, bias=False)
+        self.teacher: nn.ModuleDict | None = None
+        if cfg.reg.weight > 0:  # the EMA teacher exists only when used: the baseline costs nothing extra
+            self.teacher = nn.ModuleDict(
+                {"backbone": copy.deepcopy(self.backbone), "classifier": copy.deepcopy(self.classifier)}
+            )
+            self.teacher.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _maps(self, net, images: torch.Tensor, drop: float) -> torch.Tensor:
+        """Activation maps A [B, C, h, w] of `net` (self or the teacher) with `drop` network adjustment
+        (dropout on the feature grid, and drop-path when enabled); drop only acts in training mode."""
+        use_dp = self.training and drop > 0 and self.cfg.reg.drop_path
+        with drop_path_rate(net.backbone, drop) if use_dp else contextlib.nullcontext():
+            feats = net.backbone(images)
+        feats = F.dropout(feats, drop, training=self.training and drop > 0)
+        return net.classifier(feats)
+
+    def _reg_tau(self) -> float:
+        if self.cfg.reg.tau != 0:
+            return self.cfg.reg.tau
+        return self.cfg.tau if math.isfinite(self.cfg.tau) else 1.0
+
+    def forward_losses(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        reg_cfg = self.cfg.reg
+        # One student forward serves both terms: with REG on, L_GEN is computed on the strongly adjusted
+        # student, as in USAGE (the student is the network being trained).
+        drop = reg_cfg.student_drop if self.teacher is not None else self.cfg.drop
+        maps = self._maps(self, images, drop)
+        gen, _ = generation_loss(maps, labels, self.cfg.tau)
+        if self.teacher is None:
+            reg = gen.new_zeros(())
+        else:
+            with torch.no_grad():
+                t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
+            reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
+        return {"loss": gen + reg_cfg.weight * reg, "gen": gen, "reg": reg}
+
+    def activation_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw A [B, C, h, w] without dropout (the teacher's when `reg.teacher_maps`)."""
+        net = self.teacher if self.teacher is not None and self.cfg.reg.teacher_maps else self
+        return self._maps(net, images, 0.0)
+
+    def class_maps(self, images: torch.Tensor) -> torch.Tensor:
+        maps = F.relu(self.activation_maps(images))
+        return torch.cat([torch.zeros_like(maps[:, :1]), maps], dim=1)  # no learned background
+
+    def image_scores(self, images: torch.Tensor) -> torch.Tensor:
+        # The sigmoid of the score the classifier was trained on (the training tau), so the probabilities
+        # are the calibrated ones; GAP scores would be off-scale for tau != inf.
+        return torch.sigmoid(temperature_pool(self.activation_maps(images).flatten(2).float(), self.cfg.tau))
+
+    # ------------------------------------------------------------------------------------- parameters
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        skip = {id(p) for p in self.backbone.parameters()}
+        if self.teacher is not None:  # never optimised, whatever requires_grad says
+            skip |= {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip and p.requires_grad]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """teacher = ema * teacher + (1 - ema) * student; buffers (BatchNorm statistics) copied."""
+        if self.teacher is None:
+            return
+        d = self.cfg.reg.ema
+        for name in ("backbone", "classifier"):
+            student, teacher = getattr(self, name), self.teacher[name]
+            for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                t.mul_(d).add_(s.detach(), alpha=1.0 - d)
+            for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+                t.copy_(s)
+
+
+def _check(cfg: CAMConfig) -> None:
+    r = cfg.reg
+    if cfg.tau == 0 or math.isnan(cfg.tau):
+        raise ConfigError(f"method.tau: must be non-zero (inf = GAP), got {cfg.tau}")
+    for key, v in (("drop", cfg.drop), ("reg.student_drop", r.student_drop), ("reg.teacher_drop", r.teacher_drop)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"method.{key}: a rate in [0, 1), got {v}")
+    if not 0.0 <= r.ema <= 1.0:
+        raise ConfigError(f"method.reg.ema: must be in [0, 1], got {r.ema}")
+    if r.weight < 0 or not r.teacher_tau > 0 or not math.isfinite(r.tau):
+        raise ConfigError("method.reg: weight must be >= 0, teacher_tau > 0 and tau finite")
