@@ -140,8 +140,13 @@ def resolve_split(
     raise DataError(f"{path}: split file not found (available splits: {', '.join(available)})")
 
 
-def check_missing(ids: list[str], known: dict[str, str] | set[str], split_file: Path | None,
-                  what: str, problems: list[str] | None) -> list[str]:
+def check_missing(
+    ids: list[str],
+    known: dict[str, str] | set[str],
+    split_file: Path | None,
+    what: str,
+    problems: list[str] | None,
+) -> list[str]:
     """Ids of a split that have no image: an error naming the split file and the ids."""
     missing = [i for i in ids if i not in known]
     if missing:
@@ -161,7 +166,7 @@ def tags_from_mask(mask: np.ndarray, num_classes: int, path: str | Path, class_s
     if bad:
         raise DataError(
             f"{path}: mask values {bad} outside the {num_classes} classes of {class_source}"
-            " (ids 0..{n}, 255 = ignore)".format(n=num_classes - 1)
+            f" (ids 0..{num_classes - 1}, 255 = ignore)"
         )
     return [int(v) for v in present if 0 < v < num_classes]
 
@@ -221,7 +226,9 @@ class VOCDataset(SegmentationDataset):
             return None
         path = self.mask_path(index)
         if path is None:
-            raise DataError(f"{self._image_dir / self._images[self.ids[index]]}: no mask in {', '.join(MASK_DIRS)}")
+            raise DataError(
+                f"{self._image_dir / self._images[self.ids[index]]}: no mask in {', '.join(MASK_DIRS)}"
+            )
         mask = read_mask(path)
         tags = tags_from_mask(mask, self.num_classes, path, self._class_source)  # validates the values
         self._tag_cache.setdefault(self.ids[index], tags)

@@ -8,14 +8,17 @@ from __future__ import annotations
 from wsss.methods.base import Method
 from wsss.methods.cam import CAMConfig, CAMMethod
 from wsss.methods.patch_classification import PatchClassificationConfig, PatchClassifier
+from wsss.methods.segmenter import Segmenter, SegmenterConfig
 
 METHODS: dict[str, type[Method]] = {
     "patch_classification": PatchClassifier,
     "cam": CAMMethod,
+    "deeplab": Segmenter,
 }
 METHOD_CONFIGS: dict[str, type] = {
     "patch_classification": PatchClassificationConfig,
     "cam": CAMConfig,
+    "deeplab": SegmenterConfig,
 }
 
 

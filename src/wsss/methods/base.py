@@ -17,6 +17,13 @@ class Method(nn.Module):
     #: False when the background is derived at inference from a threshold (CAM).
     has_background: bool = True
 
+    #: The batch entry `forward_losses` trains on: "label" (multi-hot tags) or "mask" (stage 2's pseudo masks).
+    target: str = "label"
+
+    #: True when inference restricts the maps to the image's tags and max-normalises them (seeds); False for
+    #: a segmentation net (stage 2), whose plain argmax over all classes is the prediction.
+    uses_tags: bool = True
+
     def __init__(self, cfg, model_cfg, num_classes: int):
         super().__init__()
         self.cfg = cfg

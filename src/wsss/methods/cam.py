@@ -82,7 +82,9 @@ class CAMConfig:
     reg: RegConfig = field(default_factory=RegConfig)
 
 
-def generation_loss(maps: torch.Tensor, labels: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def generation_loss(
+    maps: torch.Tensor, labels: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L_GEN and the scores s [B, C] for activation maps [B, C, h, w] (or [B, C, N])."""
     scores = temperature_pool(maps.flatten(2).float(), tau)
     return F.multilabel_soft_margin_loss(scores, labels.float()), scores
@@ -154,7 +156,9 @@ class CAMMethod(Method):
             return self.cfg.reg.tau
         return self.cfg.tau if math.isfinite(self.cfg.tau) else 1.0
 
-    def forward_losses(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+    def forward_losses(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int
+    ) -> dict[str, torch.Tensor]:
         reg_cfg = self.cfg.reg
         # One student forward serves both terms: with REG on, L_GEN is computed on the strongly adjusted
         # student, as in USAGE (the student is the network being trained).
@@ -209,7 +213,11 @@ def _check(cfg: CAMConfig) -> None:
     r = cfg.reg
     if cfg.tau == 0 or math.isnan(cfg.tau):
         raise ConfigError(f"method.tau: must be non-zero (inf = GAP), got {cfg.tau}")
-    for key, v in (("drop", cfg.drop), ("reg.student_drop", r.student_drop), ("reg.teacher_drop", r.teacher_drop)):
+    for key, v in (
+        ("drop", cfg.drop),
+        ("reg.student_drop", r.student_drop),
+        ("reg.teacher_drop", r.teacher_drop),
+    ):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"method.{key}: a rate in [0, 1), got {v}")
     if not 0.0 <= r.ema <= 1.0:

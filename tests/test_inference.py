@@ -1,0 +1,202 @@
+"""Seeds (class_probabilities) and streaming, resumable pseudo-labelling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
+
+from wsss.config import InferConfig, load_config, save_config
+from wsss.engine.inference import class_probabilities, pseudo_label, resolve_device
+from wsss.engine.trainer import train
+from wsss.errors import ConfigError
+from wsss.io import read_mask
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
+
+def _run(tmp_path_factory, voc, name, **method):
+    run = tmp_path_factory.mktemp(name)
+    cfg = make_cfg(voc, epochs=1, method=method)
+    cfg.infer.crf.workers = 0
+    train(cfg, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, voc):
+    return _run(tmp_path_factory, voc, "run")
+
+
+@pytest.fixture(scope="module")
+def cam_run(tmp_path_factory, voc):
+    return _run(tmp_path_factory, voc, "cam_run", has_background=False)
+
+
+def _method(**kw):
+    torch.manual_seed(0)
+    m = FakeMethod(FakeConfig(**kw), None, 4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    return m.eval()
+
+
+def _image(h=40, w=52):
+    return torch.randn(3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------------- class_probabilities
+
+
+def test_restricted_to_tags_and_max_normalised():
+    m = _method()
+    p = class_probabilities(m, _image(), [2], InferConfig(scales=[0.5, 1.0, 1.5]), (80, 100))
+    assert p.shape == (4, 80, 100) and p.dtype == torch.float32
+    assert torch.all(p[1] == 0) and torch.all(p[3] == 0)
+    for c in (0, 2):  # the method's own background and the tag, each max-normalised
+        assert p[c].max() == pytest.approx(1.0, abs=1e-4) and p[c].min() >= 0
+
+
+def test_background_threshold_and_alpha():
+    m = _method(has_background=False)
+    x = _image()
+    p = class_probabilities(m, x, [1, 3], InferConfig(bg_threshold=0.42), (40, 52))
+    assert torch.allclose(p[0], torch.full_like(p[0], 0.42))
+    q = class_probabilities(m, x, [1, 3], InferConfig(bg_alpha=2.0), (40, 52))
+    assert torch.allclose(q[0], (1 - torch.maximum(q[1], q[3])) ** 2)
+    assert torch.all(q[2] == 0)
+    mask = q.argmax(0)
+    assert set(mask.unique().tolist()) <= {0, 1, 3}
+
+
+def test_flip_averaging():
+    x = _image()
+    cfg = InferConfig(scales=[0.75, 1.0], flip=True)
+    m = _method()
+    # flip TTA makes any method's seeds mirror-consistent
+    a = class_probabilities(m, x, [1, 2], cfg, (40, 52))
+    b = class_probabilities(m, x.flip(-1), [1, 2], cfg, (40, 52)).flip(-1)
+    assert torch.allclose(a, b, atol=1e-5)
+    # and changes nothing for a method that already commutes with flips
+    sym = _method(pointwise=True)
+    c = class_probabilities(sym, x, [1, 2], cfg, (40, 52))
+    d = class_probabilities(sym, x, [1, 2], InferConfig(scales=[0.75, 1.0], flip=False), (40, 52))
+    assert torch.allclose(c, d, atol=1e-5)
+
+
+def test_predicted_tags():
+    m = _method()
+    m.image_scores = lambda x: torch.tensor([[0.2, 0.9, 0.6]]).expand(x.shape[0], 3)
+    p = class_probabilities(m, _image(), None, InferConfig(flip=True), (40, 52))
+    assert torch.all(p[1] == 0) and p[2].max() > 0 and p[3].max() > 0
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+# ------------------------------------------------------------------------------------------ pseudo_label
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_pseudo_label_resumes_byte_identical(run, voc, tmp_path):
+    full = tmp_path / "full"
+    res = pseudo_label(run, voc, "val", full, save_maps=True, progress=False)
+    assert res["computed"] == 4 and 0 <= res["miou"] <= 1
+    assert set(res["per_class"]) == {"background", "red", "green"}
+    ref = _files(full)
+    assert {k for k in ref if k.endswith(".png")} == {f"va{i:02d}.png" for i in range(4)}
+    assert read_mask(full / "va01.png").shape == (64, 72)  # the image's own size
+    maps = np.load(full / "maps" / "va01.npz")
+    assert maps["probs"].dtype == np.float16 and maps["probs"].shape == (len(maps["classes"]), 64, 72)
+    assert maps["classes"][0] == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["miou"] == res["miou"] and summary["num_images"] == 4
+
+    # an interrupted run: two masks written, one map without its mask, no summary yet
+    part = tmp_path / "part"
+    (part / "maps").mkdir(parents=True)
+    for id_ in ("va00", "va02"):
+        shutil.copy(full / f"{id_}.png", part / f"{id_}.png")
+        shutil.copy(full / "maps" / f"{id_}.npz", part / "maps" / f"{id_}.npz")
+    shutil.copy(full / "maps" / "va03.npz", part / "maps" / "va03.npz")
+    res2 = pseudo_label(run, voc, "val", part, save_maps=True, progress=False)
+    assert res2["computed"] == 2 and res2["miou"] == res["miou"]
+    assert _files(part) == ref
+
+
+def test_pseudo_label_loader_workers_same_bytes(run, voc, tmp_path):
+    ref = tmp_path / "ref"
+    pseudo_label(run, voc, "val", ref, progress=False)
+    cfg = load_config(run / "config.yaml")
+    cfg.data.num_workers = 1
+    other = tmp_path / "run_w"
+    shutil.copytree(run, other)
+    save_config(cfg, other / "config.yaml")
+    out = tmp_path / "out"
+    pseudo_label(other, voc, "val", out, progress=False)
+    assert _files(out) == _files(ref)
+
+
+def test_pseudo_label_crf_inline_and_pool(run, voc, tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    inline = tmp_path / "inline"
+    res = pseudo_label(run, voc, "val", inline, crf=True, progress=False)
+    assert res["crf"] is True and 0 <= res["miou"] <= 1
+    pooled_run = tmp_path / "pooled_run"
+    shutil.copytree(run, pooled_run)
+    cfg = load_config(run / "config.yaml")
+    cfg.infer.crf.workers = 1
+    save_config(cfg, pooled_run / "config.yaml")
+    pooled = tmp_path / "pooled"
+    pseudo_label(pooled_run, voc, "val", pooled, crf=True, progress=False)
+    assert _files(pooled) == _files(inline)
+    for p in inline.glob("*.png"):  # only background + the image's classes
+        gt = read_mask(voc / "SegmentationClass" / p.name)
+        assert set(np.unique(read_mask(p))) <= set(np.unique(gt)) | {0}
+
+
+def test_predicted_tags_and_train_split(run, voc, tmp_path):
+    res = pseudo_label(run, voc, "train", tmp_path / "o", predicted_tags=True, scales=[0.5, 1.0], flip=True,
+                       progress=False)
+    assert res["predicted_tags"] is True and res["scales"] == [0.5, 1.0] and res["flip"] is True
+    assert len(list((tmp_path / "o").glob("*.png"))) == 8
+
+
+def test_threshold_sweep(cam_run, run, voc, tmp_path):
+    out = tmp_path / "sweep"
+    res = pseudo_label(cam_run, voc, "val", out, sweep_thresholds=[0.1, 0.3, 0.5, 0.9], progress=False)
+    assert list(res["sweep"]) == [0.1, 0.3, 0.5, 0.9]
+    assert res["best_miou"] == max(res["sweep"].values())
+    assert res["sweep"][res["best_threshold"]] == res["best_miou"]
+    assert not list(out.glob("*.png"))
+    table = json.loads((out / "sweep.json").read_text())
+    assert table["sweep"]["0.3"] == res["sweep"][0.3]
+    # the mIoU at one threshold matches a plain run at that threshold
+    cfg = load_config(cam_run / "config.yaml")
+    cfg.infer.bg_threshold = 0.3
+    save_config(cfg, cam_run / "config.yaml")
+    plain = pseudo_label(cam_run, voc, "val", tmp_path / "plain", progress=False)
+    assert plain["miou"] == pytest.approx(res["sweep"][0.3])
+    with pytest.raises(ConfigError, match="background"):
+        pseudo_label(run, voc, "val", tmp_path / "x", sweep_thresholds=[0.2], progress=False)
