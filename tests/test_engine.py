@@ -136,3 +136,58 @@ def test_optimizers_and_clip(voc, tmp_path, opt):
                     tmp_path / "run", progress=False)
     assert summary["epochs"] == 1
     assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 1
+
+
+# ------------------------------------------------------------------------------- real methods, end to end
+
+E2E = ["data.crop_size=32", "data.num_workers=0", "train.batch_size=4", "train.trainable_blocks=2",
+       "train.freeze_backbone_epochs=1", "infer.crf.workers=0", "infer.flip=true"]
+
+
+@pytest.mark.slow
+def test_tkp_pcl_end_to_end_exact_resume(voc, tmp_path, monkeypatch):
+    """TKP-PCL (top-K, PCE, ET: random transforms and dropout) on the offline MobileNetV2: exact resume
+    across the end of the frozen warm-up, then pseudo masks with CRF from the run."""
+    from wsss.config import load_config
+    from wsss.engine.inference import pseudo_label
+    from wsss.methods.patch_classification import PatchClassifier
+
+    cfg = load_config("demo/tkp_pcl", [f"data.root={voc}", *E2E, "train.epochs=3", "method.et.weight=1.0",
+                                       "method.pce.weight=0.5", "method.pce.confidence=0.1"])
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    summary = train(cfg, straight, progress=False)
+    assert summary["epochs"] == 3 and summary["miou"] is not None
+
+    calls, original = [0], PatchClassifier.forward_losses
+
+    def crash_in_epoch_3(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # 2 steps an epoch: the first step of epoch 3
+            raise Crash("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchClassifier, "forward_losses", crash_in_epoch_3)
+    with pytest.raises(Crash):
+        train(cfg, broken, progress=False)
+    monkeypatch.undo()
+    train(cfg, broken, resume=True, progress=False)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(broken / "last.pt")
+    assert _same(a["model"], b["model"])
+    assert a["best_miou"] == b["best_miou"]
+
+    res = pseudo_label(straight, voc, "val", tmp_path / "pseudo", crf=True, progress=False)
+    assert 0 <= res["miou"] <= 1 and len(list((tmp_path / "pseudo").glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_usage_end_to_end_sweep(voc, tmp_path):
+    """USAGE (EMA teacher: after_step, parameters outside the optimizer) trains; its seeds sweep."""
+    from wsss.config import load_config
+    from wsss.engine.inference import pseudo_label
+
+    cfg = load_config("demo/usage_cnn", [f"data.root={voc}", *E2E, "train.epochs=2"])
+    train(cfg, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert any(k.startswith("teacher.") for k in state)
+    res = pseudo_label(tmp_path / "run", voc, "val", tmp_path / "sweep", sweep_thresholds=[0.2, 0.4], progress=False)
+    assert set(res["sweep"]) == {0.2, 0.4}

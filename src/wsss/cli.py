@@ -205,10 +205,11 @@ def evaluate(
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
 ) -> None:
     """mIoU of a folder of <id>.png class-id masks against the ground truth."""
-    from wsss.evaluation.evaluate import evaluate_dir, format_result
+    from wsss.evaluation.evaluate import evaluate_dir
+    from wsss.evaluation.metrics import per_class_table
 
     result = evaluate_dir(pred_dir, data, split=split)
-    typer.echo(format_result(result))
+    typer.echo(per_class_table(result, list(result["per_class"])))
     _print_json_or_write(result, json_file)
 
 

@@ -49,9 +49,12 @@ def format_info(info: dict) -> str:
     lines = [
         f"{info['root']} ({info['format']})",
         f"  images: {info['num_images']} unique; splits: {splits}; masks: {'yes' if info['has_masks'] else 'no'}",
-        f"  classes: {info['num_classes']} (background: {info['classes'][0]!r})" if info["classes"] else "  classes: 0",
+        f"  classes: {info['num_classes']} (background: {info['classes'][0]!r})"
+        if info["classes"]
+        else "  classes: 0",
         "  images per class:",
         *(f"    {name:<{width}}  {n}" for name, n in info["tag_counts"].items()),
-        "  images by number of tags: " + ", ".join(f"{k}: {v}" for k, v in info["images_per_num_tags"].items()),
+        "  images by number of tags: "
+        + ", ".join(f"{k}: {v}" for k, v in info["images_per_num_tags"].items()),
     ]
     return "\n".join(lines)

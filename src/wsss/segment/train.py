@@ -7,6 +7,7 @@ engine trainer (`wsss.engine.trainer.train`): same run folder, checkpoints, log 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def train_segmenter(cfg, pseudo_dir: str | Path, out_dir: str | Path, resume: bo
     dataset = PseudoMaskDataset(open_dataset(d.root, d.train_split, d.format, d.tags_file), pseudo_dir)
     out_dir = Path(out_dir)
     summary = train(cfg, out_dir, resume=resume, train_dataset=dataset)
-    # Provenance, read by the report: which pseudo masks this network learned from.
-    atomic_write_json(out_dir / "segment.json", {"pseudo_dir": str(Path(pseudo_dir).resolve()),
-                                                 "train_split": d.train_split, "num_images": len(dataset)})
+    if int(os.environ.get("RANK", "0")) == 0:  # provenance (read by the report): what it learned from
+        atomic_write_json(
+            out_dir / "segment.json",
+            {"pseudo_dir": str(Path(pseudo_dir).resolve()), "train_split": d.train_split, "num_images": len(dataset)},
+        )
     return {**summary, "pseudo_dir": str(pseudo_dir)}
