@@ -7,7 +7,7 @@ a few pixels, blurred (a coarse, displaced map, as upsampled class maps are), wi
 mass leaked to a wrong, absent class and a little noise on every channel. mIoU is over the whole set
 (confusion matrix, background counted) against the exact masks.
 
-    python benchmarks/bench_crf.py                 # 8 images, about 30 s on 2 cores
+    python benchmarks/bench_crf.py                 # 8 images, about 10 s on one core
     python benchmarks/bench_crf.py --images 20 --preset toco
 """
 

@@ -14,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wsss.data.voc import VOC_CLASSES
 from wsss.io import voc_palette
+
+# One intra-op thread: the suite's models are tiny, and on a 2-core machine torch's thread pool
+# fighting with the other process (a worker, a second rank) slows steps down 5-20x.
+torch.set_num_threads(1)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 

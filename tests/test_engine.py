@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from engine_fakes import Crash, FakeConfig, FakeMethod, make_cfg, make_voc
 
+from engine_fakes import Crash, FakeConfig, FakeMethod, make_cfg, make_voc
 from wsss.engine.trainer import lr_factor, train
 from wsss.errors import TrainingError
 from wsss.io import load_checkpoint
@@ -39,6 +39,8 @@ def test_resume_is_exact(voc, tmp_path):
     with pytest.raises(Crash):  # "killed" in the first step of epoch 3
         train(make_cfg(voc, method={"crash_at_step": 2 * steps}), broken, progress=False)
     assert load_checkpoint(broken / "last.pt")["epoch"] == 2
+    with open(broken / "log.jsonl", "a") as f:  # as if killed between the log line and last.pt of epoch 3
+        f.write(json.dumps({"epoch": 3, "loss": 1.0}) + "\n")
     summary = train(make_cfg(voc), broken, resume=True, progress=False)
     assert summary["epochs"] == 3
 

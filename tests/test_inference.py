@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
 
+from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
 from wsss.config import InferConfig, load_config, save_config
 from wsss.engine.inference import class_probabilities, pseudo_label, resolve_device
 from wsss.engine.trainer import train
@@ -115,8 +115,9 @@ def test_resolve_device():
 # ------------------------------------------------------------------------------------------ pseudo_label
 
 
-def _files(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def _files(folder, skip=()):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
 
 
 def test_pseudo_label_resumes_byte_identical(run, voc, tmp_path):
@@ -144,6 +145,10 @@ def test_pseudo_label_resumes_byte_identical(run, voc, tmp_path):
     assert res2["computed"] == 2 and res2["miou"] == res["miou"]
     assert _files(part) == ref
 
+    # other settings into the same folder would mix masks: refused
+    with pytest.raises(ConfigError, match="other settings"):
+        pseudo_label(run, voc, "val", part, save_maps=True, flip=True, progress=False)
+
 
 def test_pseudo_label_loader_workers_same_bytes(run, voc, tmp_path):
     ref = tmp_path / "ref"
@@ -155,7 +160,7 @@ def test_pseudo_label_loader_workers_same_bytes(run, voc, tmp_path):
     save_config(cfg, other / "config.yaml")
     out = tmp_path / "out"
     pseudo_label(other, voc, "val", out, progress=False)
-    assert _files(out) == _files(ref)
+    assert _files(out, ["pseudo_label.json"]) == _files(ref, ["pseudo_label.json"])  # names another run
 
 
 def test_pseudo_label_crf_inline_and_pool(run, voc, tmp_path):
@@ -170,7 +175,7 @@ def test_pseudo_label_crf_inline_and_pool(run, voc, tmp_path):
     save_config(cfg, pooled_run / "config.yaml")
     pooled = tmp_path / "pooled"
     pseudo_label(pooled_run, voc, "val", pooled, crf=True, progress=False)
-    assert _files(pooled) == _files(inline)
+    assert _files(pooled, ["pseudo_label.json"]) == _files(inline, ["pseudo_label.json"])
     for p in inline.glob("*.png"):  # only background + the image's classes
         gt = read_mask(voc / "SegmentationClass" / p.name)
         assert set(np.unique(read_mask(p))) <= set(np.unique(gt)) | {0}

@@ -7,6 +7,7 @@ line naming the file or key and exit with code 1; a traceback means a bug in wss
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -143,7 +144,8 @@ def train(
     cfg = load_config(config, overrides)
     out = out or Path("runs") / Path(config).stem
     summary = run_training(cfg, out, resume=resume)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command("pseudo-label")
@@ -157,7 +159,10 @@ def pseudo_label(
     predicted_tags: Annotated[bool, typer.Option(help="Use the model's tags instead of the dataset's.")] = False,
     scales: Annotated[str | None, typer.Option(help="Comma-separated test scales, e.g. 0.5,1,1.5.")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Average with h-flipped maps.")] = None,
-    save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npy).")] = False,
+    bg_threshold: Annotated[
+        float | None, typer.Option(help="Background score for methods without a background class (CAM).")
+    ] = None,
+    save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npz).")] = False,
     sweep_threshold: Annotated[
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")
     ] = None,
@@ -177,6 +182,7 @@ def pseudo_label(
         predicted_tags=predicted_tags,
         scales=[float(s) for s in scales.split(",")] if scales else None,
         flip=flip,
+        bg_threshold=bg_threshold,
         save_maps=save_maps,
         sweep_thresholds=sweep,
         device=device,

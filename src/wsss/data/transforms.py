@@ -38,7 +38,7 @@ def _normalise(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Te
 def _mask_tensor(mask: np.ndarray | None, size_hw: tuple[int, int]) -> torch.Tensor:
     if mask is None:
         return torch.full(size_hw, IGNORE_INDEX, dtype=torch.int64)
-    return torch.as_tensor(np.asarray(mask), dtype=torch.int64)  # a copy: PIL arrays are read-only
+    return torch.from_numpy(np.array(mask, dtype=np.int64))  # a copy: PIL arrays are read-only
 
 
 def _resize_short_side(image: Image.Image, short: int) -> Image.Image:

@@ -11,6 +11,7 @@ constant `bg_threshold`. The argmax over those channels is the pseudo mask.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -98,7 +99,10 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     """The kept classes [0, *tags] and their probabilities float32 [K, H0, W0] (K = 1 + len(tags)).
 
     Only the kept channels are upsampled, so memory is O(K H0 W0), not O(num_classes H0 W0).
+    A method with `uses_tags = False` (a segmentation net, stage 2) keeps every class, ignores `tags` and
+    returns its averaged probabilities as they are (no max-normalisation): the plain argmax.
     """
+    plain = not method.uses_tags
     device = next(method.parameters()).device
     image = image.to(device, torch.float32)
     h, w = image.shape[-2:]
@@ -110,9 +114,11 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
         if infer_cfg.flip:
             x = torch.cat([x, x.flip(-1)])
         passes.append(method.class_maps(x).float().clamp_min(0))
-        if tags is None:
+        if tags is None and not plain:
             scores.append(method.image_scores(x).float().mean(0))
-    if tags is None:
+    if plain:
+        tags = list(range(1, method.num_classes))
+    elif tags is None:
         fg = (torch.stack(scores).mean(0) > 0.5).nonzero().flatten()
         tags = [int(c) + 1 for c in fg.tolist()]
     tags = sorted(set(int(t) for t in tags))
@@ -129,6 +135,8 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
             n += 1
         acc = up[0] if acc is None else acc + up[0]
     acc = acc / n
+    if plain:
+        return keep, acc.float()
     fg = acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
     if method.has_background:
         bg = acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
@@ -169,7 +177,7 @@ def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False):
     trainer's val metric. The caller all-reduces it under DDP (each rank passes its shard)."""
     from wsss.evaluation.metrics import ConfusionMatrix
 
-    cm = ConfusionMatrix(dataset.num_classes)
+    cm = ConfusionMatrix(dataset.num_classes, device=next(method.parameters()).device)  # NCCL reduces on GPU
     tf = eval_transform(cfg)
     indices = range(len(dataset)) if indices is None else indices
     for i in _progress(indices, progress, "val"):
@@ -251,6 +259,19 @@ def _metrics(cm, class_names) -> dict:
     return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
 
 
+def _check_settings(path: Path, settings: dict) -> None:
+    """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch."""
+    settings = {**settings, "crf_config": {k: v for k, v in (settings["crf_config"] or {}).items() if k != "workers"}}
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ConfigError(f"{path.parent}: holds pseudo masks made with other settings ({', '.join(diff)} differ); "
+                              "choose another --out or delete the folder")
+    else:
+        atomic_write_json(path, settings)
+
+
 def pseudo_label(
     run_dir,
     data_root,
@@ -261,6 +282,7 @@ def pseudo_label(
     predicted_tags: bool = False,
     scales: list[float] | None = None,
     flip: bool | None = None,
+    bg_threshold: float | None = None,
     save_maps: bool = False,
     sweep_thresholds: list[float] | None = None,
     device: str = "auto",
@@ -289,6 +311,8 @@ def pseudo_label(
         cfg.infer.scales = [float(s) for s in scales]
     if flip is not None:
         cfg.infer.flip = bool(flip)
+    if bg_threshold is not None:
+        cfg.infer.bg_threshold = float(bg_threshold)
     same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
     fmt = data_format or (cfg.data.format if same_root else "auto")
     ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "")
@@ -310,6 +334,12 @@ def pseudo_label(
 
     done: set[int] = set()
     if sweep is None:
+        _check_settings(out_dir / "pseudo_label.json", {
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else str(Path(run_dir).resolve()),
+            "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales,
+            "flip": cfg.infer.flip, "size": cfg.infer.size, "bg_threshold": cfg.infer.bg_threshold,
+            "bg_alpha": cfg.infer.bg_alpha, "crf_config": dataclasses.asdict(cfg.infer.crf) if crf else None,
+        })
         for i, id_ in enumerate(ds.ids):
             if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
                 done.add(i)

@@ -55,7 +55,8 @@ def rng_state(loader_gen: torch.Generator) -> dict:
     version, internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's GPU only (one per rank): querying every device would touch all of them
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": [version, list(internal), py_gauss],
@@ -65,8 +66,8 @@ def rng_state(loader_gen: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
@@ -187,21 +188,23 @@ def _append_log(path: Path, record: dict) -> None:
 # ------------------------------------------------------------------------------------------------- train
 
 
-def train(cfg, out_dir, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg, out_dir, resume: bool = False, progress: bool = True, train_dataset=None) -> dict:
     """Train `cfg`'s method; RUN = out_dir. Under torchrun every rank calls this (DDP, gloo or NCCL).
 
     `resume=True` continues from RUN/last.pt (from scratch when there is none); without it an existing
-    last.pt is an error, so a finished run is never silently overwritten.
+    last.pt is an error, so a finished run is never silently overwritten. `train_dataset`: a prepared
+    SegmentationDataset to train on instead of `cfg.data.train_split` (`wsss segment` passes the split
+    with its masks replaced by pseudo masks).
     Returns {"epochs", "best_miou", "miou" (last val), "seconds", "out_dir"}.
     """
     info = D.init_distributed("auto")
     try:
-        return _train(cfg, Path(out_dir), resume, progress, info)
+        return _train(cfg, Path(out_dir), resume, progress, info, train_dataset)
     finally:
         D.cleanup(info)
 
 
-def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> dict:
+def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train_dataset=None) -> dict:
     from wsss.config import save_config
     from wsss.data.transforms import TrainTransform, TransformedDataset
     from wsss.methods import create_method
@@ -218,6 +221,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> di
 
     seed_everything(t.seed)  # same on every rank: identical initial weights
     train_raw, val_raw = _open_datasets(cfg)
+    if train_dataset is not None:  # prepared by the caller, e.g. stage 2: train masks = pseudo masks
+        train_raw = train_dataset
     if len(train_raw) == 0:
         raise DataError(f"{cfg.data.root}: split {cfg.data.train_split!r} is empty")
     class_names = list(train_raw.class_names)
@@ -302,7 +307,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> di
             if n_steps >= steps:
                 break
             images = batch["image"].to(dev, non_blocking=True)
-            labels = batch["label"].to(dev, non_blocking=True)
+            labels = batch[method.target].to(dev, non_blocking=True)  # "label", or "mask" (stage 2)
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
@@ -310,6 +315,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> di
             loss = losses["loss"]
             terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
             if D.any_rank(not math.isfinite(terms["loss"]), dev):
+                if bar is not None:
+                    bar.close()
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise TrainingError(
                     f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
@@ -336,9 +343,13 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo) -> di
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
+        if dataset.skipped:  # data.skip_bad (samples decoded in this process; workers log theirs)
+            print(f"skipped unreadable samples: {', '.join(dataset.skipped)}", file=sys.stderr)
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
+        if dataset.skipped:
+            record["skipped"] = list(dataset.skipped)
 
         if val_raw is not None and ((epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs):
             tv = time.time()

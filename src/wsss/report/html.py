@@ -8,7 +8,9 @@ itself, so it can be mailed or archived as it is. Every text from files is escap
 Outputs (folders of `<id>.png` masks with a `summary.json` from `wsss pseudo-label` / `predict_dataset`)
 are discovered by one rule:
 - with `demo_dir` (the `wsss demo` layout): DEMO/pseudo/val "pseudo", DEMO/pseudo/val_crf "pseudo + CRF",
-  DEMO/predict/val "stage 2", each when present; the data is DEMO/data;
+  DEMO/predict/val "stage 2", each when present; the data is DEMO/data. When not given, `demo_dir` is
+  RUN's parent if that is a demo folder (it holds data/.wsss_demo.json), so `wsss report wsss-demo/run`
+  shows what `wsss demo` showed;
 - always: every folder under RUN (3 levels deep at most) holding a summary.json with a `per_class` entry,
   labelled by its path relative to RUN (so `wsss pseudo-label RUN --out RUN/pseudo_val` is found);
 - `outputs={label: folder}` adds folders anywhere (library use).
@@ -41,7 +43,7 @@ h1{font-size:26px}h2{font-size:20px;margin-top:32px;border-bottom:1px solid #ddd
 pre{background:#f5f5f7;padding:12px;overflow:auto;font-size:12px;max-height:420px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f5f5f7}td.l,th.l{text-align:left}.gallery td{padding:2px;text-align:center;vertical-align:top}
-.gallery img{display:block;max-width:224px}.muted{color:#888}img.plot{max-width:100%}
+.gallery th{text-align:center}.gallery img{display:block;max-width:224px}.muted{color:#888}img.plot{max-width:100%}
 """
 
 
@@ -117,6 +119,7 @@ def _curves(records: list[dict]) -> str:
     if not records:
         return '<p class="muted">No training log (log.jsonl) in this run.</p>'
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     terms = [k for k in records[0] if k not in LOG_NON_LOSS and isinstance(records[0][k], (int, float))]
@@ -137,6 +140,9 @@ def _curves(records: list[dict]) -> str:
         ax2.text(0.5, 0.5, "no validation masks", ha="center", va="center", transform=ax2.transAxes)
     ax2.set(xlabel="epoch", ylabel="mIoU", title="val mIoU")
     ax2.grid(alpha=0.3)
+    ax2.set_xlim(ax.get_xlim())
+    for a in (ax, ax2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _img(_fig_uri(fig), "training curves", "plot")
 
@@ -256,6 +262,10 @@ def write_report(run_dir: str | Path, demo_dir: str | Path | None = None, output
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: run folder not found")
+    from wsss.data.demo import MARKER  # written last into DEMO/data by the demo builder
+
+    if demo_dir is None and (run_dir.resolve().parent / "data" / MARKER).is_file():
+        demo_dir = run_dir.resolve().parent
     demo_dir = Path(demo_dir) if demo_dir is not None else None
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
     records = read_log(run_dir / "log.jsonl")

@@ -71,12 +71,14 @@ def predict(
     Returns {"num_images", "computed", "skipped", "failed": [{"path", "error"}], "out_dir", "seconds"}."""
     import torch
 
-    from wsss.engine.inference import class_probabilities, load_run, prepare_image, resolve_device
+    from wsss.data.base import RawSample
+    from wsss.engine.inference import class_probabilities, eval_transform, load_run, resolve_device
 
     t0 = time.time()
     out_dir = Path(out_dir)
     todo = collect_images(images)
-    cfg, method, _ = load_run(run_dir, device=resolve_device(device))
+    cfg, method, class_names = load_run(run_dir, device=resolve_device(device))
+    transform = eval_transform(cfg)  # the same input as pseudo-labelling: short side to infer.size
     computed, skipped, failed = 0, 0, []
     if progress:
         from tqdm.auto import tqdm
@@ -97,7 +99,7 @@ def predict(
             failed.append({"path": str(path), "error": str(e)})
             continue
         with torch.inference_mode():
-            x = prepare_image(image, cfg.data, cfg.infer)
+            x = transform(RawSample(str(name), image, [], None), len(class_names))["image"]
             probs = class_probabilities(method, x, None, cfg.infer, (image.height, image.width))
             mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
         if overlay:  # before the mask: an existing mask PNG means the image is complete
