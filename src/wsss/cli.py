@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from wsss.config import ConfigError, list_presets, load_config
-from wsss.errors import WsssError
+from wsss.errors import WsssError, user_message
 from wsss.io import atomic_write_json
 
 app = typer.Typer(
@@ -137,11 +137,14 @@ def train(
     overrides: Overrides = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN/last.pt.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable samples, listed in RUN/skipped.txt (data.skip_bad=true).")
+    ] = False,
 ) -> None:
     """Train a weakly supervised method (under torchrun: distributed)."""
     from wsss.engine.trainer import train as run_training
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*overrides, "data.skip_bad=true"] if skip_bad else overrides)
     out = out or Path("runs") / Path(config).stem
     summary = run_training(cfg, out, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -167,6 +170,9 @@ def pseudo_label(
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images and masks, listed in the summary, instead of stopping.")
+    ] = False,
 ) -> None:
     """Pseudo masks from a trained run (resumable: finished files are skipped)."""
     from wsss.engine.inference import pseudo_label as run_pseudo_label
@@ -186,6 +192,7 @@ def pseudo_label(
         save_maps=save_maps,
         sweep_thresholds=sweep,
         device=device,
+        skip_bad=skip_bad,
     )
     typer.echo(json.dumps(_brief(summary), indent=2, default=str))
 
@@ -269,7 +276,7 @@ def main() -> None:
     try:
         app()
     except WsssError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {user_message(e)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

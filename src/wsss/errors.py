@@ -15,3 +15,15 @@ class DataError(WsssError, ValueError):
 
 class TrainingError(WsssError, RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the last good checkpoint is intact."""
+
+
+def user_message(error: BaseException) -> str:
+    """The one-line message of `error`. A DataLoader worker's error reaches the main process re-raised
+    with the worker's traceback as its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."); the user's message is its last line, after the exception's name."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, message = last.partition(f"{type(error).__name__}: ")  # "wsss.errors.DataError: PATH: problem"
+    return message if sep else last

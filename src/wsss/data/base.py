@@ -65,3 +65,17 @@ class SegmentationDataset:
         for c in self.tags(index):
             y[c - 1] = 1.0
         return y
+
+
+def checked_sample(dataset: SegmentationDataset, index: int) -> RawSample:
+    """dataset[index], its mask checked against its image: a mask of another size than its image is a
+    DataError naming the mask file (the engine's loaders all read samples through this)."""
+    from wsss.io import DataError
+
+    sample = dataset[index]
+    if sample.mask is not None and sample.mask.shape != (sample.image.height, sample.image.width):
+        mh, mw = sample.mask.shape
+        where = getattr(dataset, "mask_path", None)
+        path = (where(index) if where else None) or dataset.image_path(index)
+        raise DataError(f"{path}: mask is {mw}x{mh} but its image is {sample.image.width}x{sample.image.height}")
+    return sample

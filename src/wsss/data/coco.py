@@ -78,6 +78,13 @@ class COCODataset(SegmentationDataset):
             img_ids = [i for i in img_ids if self.coco.imgToAnns.get(i)]
         if not img_ids:
             raise DataError(f"{self.annotation_file}: no images{' with annotations' if skip_empty else ''}")
+        escaping = [
+            name for name in (str(self.coco.imgs[i]["file_name"]) for i in img_ids)
+            if Path(name).is_absolute() or ".." in Path(name.replace("\\", "/")).parts
+        ]
+        if escaping:  # the annotation file must not reach files outside the dataset root
+            raise DataError(f"{self.annotation_file}: file_name must be inside {self._image_dir}, got: "
+                            f"{', '.join(escaping[:5])}{' ...' if len(escaping) > 5 else ''}")
         self._img_ids = img_ids
         self.ids = [Path(self.coco.imgs[i]["file_name"]).stem for i in img_ids]
         self._tags = [

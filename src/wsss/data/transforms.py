@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wsss.data.base import RawSample, SegmentationDataset
+from wsss.data.base import RawSample, SegmentationDataset, checked_sample
 from wsss.io import IGNORE_INDEX, DataError
 
 log = logging.getLogger("wsss.data")
@@ -148,9 +148,11 @@ class TransformedDataset(torch.utils.data.Dataset):
     """The torch Dataset the engine loads: dataset[i] through `transform`.
 
     A mask whose size differs from its image is a DataError here. With `skip_bad`, a sample raising
-    DataError is replaced by the next good one and its id appended to `self.skipped`. In DataLoader
-    worker processes that list lives in the worker (the main process never sees it), so every skip is
-    also logged as a warning on the "wsss.data" logger.
+    DataError is replaced by the next good one and its id appended to `self.skipped` (logged as a
+    warning on the "wsss.data" logger). In DataLoader worker processes that list lives in the worker,
+    so with `skip_bad` every item also carries "skipped": the messages ("PATH: problem") of the bad
+    samples passed over to reach it, joined by newlines ("" when none); batches carry them to the
+    main process, which lists them in the run log (`wsss.engine.trainer`).
     """
 
     def __init__(self, dataset: SegmentationDataset, transform: Callable, skip_bad: bool = False):
@@ -158,20 +160,13 @@ class TransformedDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self.skipped: list[str] = []
-        self._bad: set[int] = set()
+        self._bad: dict[int, str] = {}  # index -> its error message
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _load(self, index: int) -> dict:
-        sample = self.dataset[index]
-        if sample.mask is not None and sample.mask.shape != (sample.image.height, sample.image.width):
-            mh, mw = sample.mask.shape
-            where = getattr(self.dataset, "mask_path", None)
-            path = (where(index) if where else None) or self.dataset.image_path(index)
-            raise DataError(
-                f"{path}: mask is {mw}x{mh} but its image is {sample.image.width}x{sample.image.height}"
-            )
+        sample = checked_sample(self.dataset, index)
         if isinstance(self.transform, _Base):
             return self.transform(sample, self.dataset.num_classes)
         out = self.transform(sample)
@@ -180,18 +175,25 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.dataset)
+        passed: list[str] = []  # messages of the bad samples passed over
         for k in range(n):
             i = (index + k) % n
             if i in self._bad:
+                passed.append(self._bad[i])
                 continue
             try:
-                return self._load(i)
+                out = self._load(i)
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                self._bad.add(i)
+                self._bad[i] = " ".join(str(e).split())  # one line
                 self.skipped.append(self.dataset.ids[i])
+                passed.append(self._bad[i])
                 log.warning("skipping sample %s: %s", self.dataset.ids[i], e)
+                continue
+            if self.skip_bad:
+                out["skipped"] = "\n".join(passed)
+            return out
         raise DataError(f"{self.dataset.root}: no readable sample left in split {self.dataset.split!r}")
 
 

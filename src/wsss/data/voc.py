@@ -231,7 +231,8 @@ class VOCDataset(SegmentationDataset):
             )
         mask = read_mask(path)
         tags = tags_from_mask(mask, self.num_classes, path, self._class_source)  # validates the values
-        self._tag_cache.setdefault(self.ids[index], tags)
+        if self.ids[index] not in self._xml:  # tags come from the XML when there is one (see `tags`)
+            self._tag_cache.setdefault(self.ids[index], tags)
         return mask
 
     def tags(self, index: int) -> list[int]:

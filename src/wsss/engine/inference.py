@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss.data.base import checked_sample
 from wsss.errors import ConfigError, DataError
 from wsss.io import atomic_write_bytes, atomic_write_json, load_checkpoint, read_mask, write_mask
 
@@ -172,16 +173,23 @@ def _threshold_mask(keep: list[int], probs: torch.Tensor, thr: float) -> torch.T
     return torch.where(top > thr, lut[1:][arg], torch.zeros_like(arg, dtype=torch.uint8))
 
 
-def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False):
+def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False, skipped: list[str] | None = None):
     """A ConfusionMatrix of pseudo masks (GT tags, no CRF) over `indices` of a dataset with masks: the
-    trainer's val metric. The caller all-reduces it under DDP (each rank passes its shard)."""
+    trainer's val metric. The caller all-reduces it under DDP (each rank passes its shard). A bad sample
+    is a DataError, or with `skipped` given (data.skip_bad), left out and its message appended there."""
     from wsss.evaluation.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(dataset.num_classes, device=next(method.parameters()).device)  # NCCL reduces on GPU
     tf = eval_transform(cfg)
     indices = range(len(dataset)) if indices is None else indices
     for i in _progress(indices, progress, "val"):
-        sample = dataset[i]
+        try:
+            sample = checked_sample(dataset, i)
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(" ".join(str(e).split()))
+            continue
         x = tf(sample, dataset.num_classes)["image"]
         keep, probs = seed_probs(method, x, sample.tags, cfg.infer, (sample.image.height, sample.image.width))
         cm.update(torch.from_numpy(seed_mask(keep, probs)), _tensor(sample.mask))
@@ -210,21 +218,35 @@ def _identity(x):
 
 class _Items(torch.utils.data.Dataset):
     """What the main loop needs per image, decoded in loader workers. A `done` image (its PNG exists)
-    yields only its stored prediction and GT, for the metric."""
+    yields only its stored prediction and GT, for the metric. With `skip_bad`, an image raising DataError
+    yields {"id", "error": "PATH: problem"} instead."""
 
-    def __init__(self, dataset, indices, done: set[int], out_dir: Path, transform, need_rgb: bool):
+    def __init__(self, dataset, indices, done: set[int], out_dir: Path, transform, need_rgb: bool,
+                 skip_bad: bool = False):
         self.dataset, self.indices, self.done, self.out_dir = dataset, indices, done, out_dir
-        self.transform, self.need_rgb = transform, need_rgb
+        self.transform, self.need_rgb, self.skip_bad = transform, need_rgb, skip_bad
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k):
-        i = self.indices[k]
+        try:
+            return self._item(self.indices[k])
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            return {"id": self.dataset.ids[self.indices[k]], "error": " ".join(str(e).split())}
+
+    def _item(self, i: int) -> dict:
         ds = self.dataset
         if i in self.done:
-            return {"id": ds.ids[i], "mask": ds.load_mask(i), "pred": read_mask(self.out_dir / f"{ds.ids[i]}.png")}
-        sample = ds[i]
+            pred_path = self.out_dir / f"{ds.ids[i]}.png"
+            gt, pred = ds.load_mask(i), read_mask(pred_path)
+            if gt is not None and gt.shape != pred.shape:
+                raise DataError(f"{pred_path}: pseudo mask is {pred.shape[1]}x{pred.shape[0]} but the ground truth "
+                                f"of {ds.ids[i]} is {gt.shape[1]}x{gt.shape[0]}")
+            return {"id": ds.ids[i], "mask": gt, "pred": pred}
+        sample = checked_sample(ds, i)
         return {
             "id": sample.id,
             "mask": sample.mask,
@@ -288,6 +310,7 @@ def pseudo_label(
     device: str = "auto",
     progress: bool = True,
     data_format: str | None = None,
+    skip_bad: bool = False,
 ) -> dict:
     """Write OUT/<id>.png pseudo masks for a split; with GT masks also the mIoU (returned, and written to
     OUT/summary.json in the `wsss evaluate` shape).
@@ -300,6 +323,9 @@ def pseudo_label(
     background channel, a split with masks): the maps are computed once and the mIoU is taken for each
     constant background threshold; writes OUT/sweep.json and NO masks; returns
     {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
+    A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
+    and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
+    problems: ids naming missing images, repeated ids, paths).
     """
     from wsss.data import open_dataset
     from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
@@ -315,7 +341,8 @@ def pseudo_label(
         cfg.infer.bg_threshold = float(bg_threshold)
     same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
     fmt = data_format or (cfg.data.format if same_root else "auto")
-    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "")
+    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "", strict=not skip_bad)
+    skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
     if ds.num_classes != len(class_names):
         raise DataError(f"{data_root}: {ds.num_classes} classes, but the run was trained on {len(class_names)} "
                         f"({', '.join(class_names)})")
@@ -346,7 +373,7 @@ def pseudo_label(
     # Done images matter only for the metric: without masks they are not even opened.
     indices = [i for i in range(len(ds)) if ds.has_masks or i not in done]
     workers = resolve_workers(cfg.data.num_workers)
-    items = _Items(ds, indices, done, out_dir, eval_transform(cfg), need_rgb=crf)
+    items = _Items(ds, indices, done, out_dir, eval_transform(cfg), need_rgb=crf, skip_bad=skip_bad)
     loader = torch.utils.data.DataLoader(
         items, batch_size=None, collate_fn=_identity, num_workers=workers,
         prefetch_factor=2 if workers else None, pin_memory=dev.type == "cuda",
@@ -366,6 +393,10 @@ def pseudo_label(
         """Handles every image; yields the CRF jobs (id, rgb, probs) for the pool."""
         nonlocal computed
         for item in _progress(loader, progress, f"pseudo-label {split}", total=len(items)):
+            if "error" in item:  # skip_bad
+                print(f"warning: skipped {item['error']}", file=sys.stderr)
+                skipped.append(item["error"])
+                continue
             gt = item["mask"]
             if "pred" in item:  # finished by an earlier run
                 cm.update(_tensor(item["pred"]), _tensor(gt))
@@ -396,6 +427,8 @@ def pseudo_label(
                 finish(id_, np.asarray(keep, dtype=np.uint8)[np.asarray(idx)], gt)
 
     result: dict = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out_dir)}
+    if skipped:
+        result["skipped"] = skipped
     if sweep_cm is not None:
         table = {t: sweep_cm[t].compute()["miou"] for t in sweep}
         best, res = sweep_cm.best()
@@ -406,7 +439,8 @@ def pseudo_label(
         })
     elif cm is not None:
         summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split, "crf": bool(crf),
-                   "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip}
+                   "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
+                   **({"skipped": skipped} if skipped else {})}
         atomic_write_json(out_dir / "summary.json", summary)  # no timings: a resumed run writes the same bytes
         result.update(summary)
     result["seconds"] = round(time.time() - t0, 3)

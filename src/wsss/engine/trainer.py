@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -90,16 +89,21 @@ class _LossModule(nn.Module):
 
 
 def _open_datasets(cfg):
-    """(train, val or None). Val only when the split exists and has masks."""
-    from wsss.data import open_dataset
+    """(train, val or None). Val only when the split exists and has masks; a val split that exists but
+    cannot be used is an error. With `data.skip_bad`, split files are read leniently: ids naming missing
+    images, repeated ids or paths are dropped and their problems listed in `dataset.problems` (an empty
+    split stays an error)."""
+    from wsss.data import available_splits, open_dataset
 
     d = cfg.data
-    train = open_dataset(d.root, d.train_split, d.format, d.tags_file)
+    train = open_dataset(d.root, d.train_split, d.format, d.tags_file, strict=not d.skip_bad)
     val = None
     if d.val_split:
         try:
-            val = open_dataset(d.root, d.val_split, d.format, d.tags_file)
+            val = open_dataset(d.root, d.val_split, d.format, d.tags_file, strict=not d.skip_bad)
         except DataError as e:
+            if d.val_split in available_splits(d.root, d.format):
+                raise
             print(f"note: no validation ({e})", file=sys.stderr)
         if val is not None and (not val.has_masks or len(val) == 0):
             val = None
@@ -168,21 +172,36 @@ def _freeze_bn(modules) -> None:
                 m.eval()
 
 
+def _log_lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+
+
 def _truncate_log(path: Path, epochs_done: int) -> None:
     """Drop log lines of epochs after the checkpoint (written before a kill, redone on resume)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = _log_lines(path)
     keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
     if keep != lines:
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line, atomically (the log is rewritten through a temp file: a kill never leaves half a
+    line behind)."""
+    atomic_write_text(path, "".join(ln + "\n" for ln in [*_log_lines(path), json.dumps(record)]))
+
+
+def _record_skipped(path: Path, messages: list[str]) -> None:
+    """RUN/skipped.txt: every sample skipped with data.skip_bad so far ("PATH: problem" a line)."""
+    old = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    new = [m for m in messages if m not in old]
+    if new:
+        print("skipped (data.skip_bad):\n  " + "\n  ".join(new), file=sys.stderr)
+        atomic_write_text(path, "".join(m + "\n" for m in [*old, *new]))
+
+
+def _batch_skipped(batch: dict) -> list[str]:
+    """The skip messages a batch carries (TransformedDataset with skip_bad, see there)."""
+    return [m for text in batch.get("skipped", ()) for m in text.split("\n") if m]
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -214,6 +233,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     dev = info.device
     main = info.is_main
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
+    skipped_path = out / "skipped.txt"
     if last_path.is_file() and not resume:
         raise TrainingError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
     if t.batch_size < info.world_size:
@@ -223,8 +243,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     train_raw, val_raw = _open_datasets(cfg)
     if train_dataset is not None:  # prepared by the caller, e.g. stage 2: train masks = pseudo masks
         train_raw = train_dataset
-    if len(train_raw) == 0:
-        raise DataError(f"{cfg.data.root}: split {cfg.data.train_split!r} is empty")
+    if len(train_raw) == 0:  # with data.skip_bad, the split file's problems say why
+        raise DataError("; ".join(getattr(train_raw, "problems", []))
+                        or f"{cfg.data.root}: split {cfg.data.train_split!r} is empty")
     class_names = list(train_raw.class_names)
     method = create_method(cfg, len(class_names)).to(dev)
     if t.channels_last:
@@ -233,6 +254,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         atomic_write_json(out / "classes.json", class_names)
+        split_problems = [*getattr(train_raw, "problems", []), *getattr(val_raw, "problems", [])]
+        _record_skipped(skipped_path, [" ".join(p.split()) for p in split_problems])  # data.skip_bad only
 
     head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
     for p in bb_dead:
@@ -297,64 +320,65 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         sampler.set_epoch(epoch)
 
         sums: dict[str, float] = defaultdict(float)
+        skipped: dict[str, None] = {}  # data.skip_bad: this epoch's skipped samples, in order
         n_steps, n_images, t0 = 0, 0, time.time()
         bar = None
         if progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
-        for batch in loader:
-            if n_steps >= steps:
-                break
-            images = batch["image"].to(dev, non_blocking=True)
-            labels = batch[method.target].to(dev, non_blocking=True)  # "label", or "mask" (stage 2)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-                losses = model(images, labels, epoch)
-            loss = losses["loss"]
-            terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
-            if D.any_rank(not math.isfinite(terms["loss"]), dev):
+        try:  # the bar is cleared before an error is shown (the CLI prints it on its own line)
+            for batch in loader:
+                if n_steps >= steps:
+                    break
+                skipped.update(dict.fromkeys(_batch_skipped(batch)))
+                images = batch["image"].to(dev, non_blocking=True)
+                labels = batch[method.target].to(dev, non_blocking=True)  # "label", or "mask" (stage 2)
+                if t.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+                    losses = model(images, labels, epoch)
+                loss = losses["loss"]
+                terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+                if D.any_rank(not math.isfinite(terms["loss"]), dev):
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                    raise TrainingError(
+                        f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
+                        f"{last_path} keeps the last good epoch; lower train.lr, set train.grad_clip or train.amp=off"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], t.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                method.after_step()
+                step += 1
+                n_steps += 1
+                n_images += images.shape[0]
+                for k, v in terms.items():
+                    sums[k] += v
                 if bar is not None:
-                    bar.close()
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
-                    f"{last_path} keeps the last good epoch; lower train.lr, set train.grad_clip or train.amp=off"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], t.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            method.after_step()
-            step += 1
-            n_steps += 1
-            n_images += images.shape[0]
-            for k, v in terms.items():
-                sums[k] += v
+                    bar.update(1)
+                    if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
+                        bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
+        finally:
             if bar is not None:
-                bar.update(1)
-                if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
-                    bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
-        if bar is not None:
-            bar.close()
+                bar.close()
         seconds = time.time() - t0
-        if dataset.skipped:  # data.skip_bad (samples decoded in this process; workers log theirs)
-            print(f"skipped unreadable samples: {', '.join(dataset.skipped)}", file=sys.stderr)
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
-        if dataset.skipped:
-            record["skipped"] = list(dataset.skipped)
 
         if val_raw is not None and ((epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs):
             tv = time.time()
             method.eval()
-            cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=progress and main)
+            val_skipped = [] if cfg.data.skip_bad else None
+            cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=progress and main,
+                                skipped=val_skipped)
+            skipped.update(dict.fromkeys(val_skipped or []))
             cm.all_reduce()
             last_miou = cm.compute()["miou"]
             record.update(miou=last_miou, val_seconds=round(time.time() - tv, 3))
@@ -365,7 +389,12 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                     save_checkpoint(best_path, {"model": method.state_dict(), "epoch": epoch + 1, "miou": best})
 
         rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
+        if cfg.data.skip_bad:  # every rank's skips, listed in log.jsonl and RUN/skipped.txt
+            skipped = dict.fromkeys(m for rank in D.all_gather_object(list(skipped)) for m in rank)
+            if skipped:
+                record["skipped"] = list(skipped)
         if main:
+            _record_skipped(skipped_path, list(skipped))
             _append_log(log_path, record)  # before last.pt: a kill between them is undone by _truncate_log
             save_checkpoint(last_path, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -187,7 +187,7 @@ def load_mobilenetv2_imagenet(features: nn.Sequential) -> None:
     MobileNetV2 module naming (`features.1.conv.3` for torchvision's `1.conv.1`), so keys map in order;
     all 312 shapes are checked."""
     path = mobilenetv2_weights_path()
-    src = list(torch.load(path, map_location="cpu", weights_only=True).values())
+    src = list(load_checkpoint(path).values())  # weights_only=True, as every weights file
     dst = features.state_dict()
     if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst.values(), strict=True)):
         raise DataError(f"{path}: does not match torchvision's MobileNetV2 features tensor by tensor")

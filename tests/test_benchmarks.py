@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmark scripts: each main() at its tiniest settings, checking the output's
+structure (never timings), and the RESULTS.md section writer."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bench_train(bench, tmp_path):
+    out = tmp_path / "train.json"
+    res = bench("bench_train").main(["--cases", "demo/usage_cnn", "--size", "64", "--batch", "1", "--steps", "1",
+                                     "--warmup", "0", "--no-isolate", "--breakdown", "always", "--json", str(out)])
+    assert json.loads(out.read_text())["cases"][0]["preset"] == "demo/usage_cnn"
+    assert res["peak_flops"] > 0 and "machine" in res and "cpu_share" in res
+    (case,) = res["cases"]
+    for r in (case["method"], case["backbone"]):
+        assert r["step_s"] > 0 and r["img_s"] > 0 and r["flops"] > 0 and r["peak_mem_mb"] > 0
+        assert (r["size"], r["batch"]) == (64, 1)
+    assert case["method"]["flops"] > case["backbone"]["flops"]  # USAGE adds a teacher forward
+    assert case["ratio"] == pytest.approx(case["method"]["step_s"] / case["backbone"]["step_s"])
+    assert list(case["breakdown"]) == ["teacher fwd + L_REG + EMA"] and "ema_s" in case["method"]
+    assert "| `demo/usage_cnn` | method |" in res["markdown"]
+
+
+def test_grouped_conv_flops(bench):
+    """torch's counter multiplies a grouped conv's grad-weight FLOPs by `groups`; ours does not."""
+    import torch
+
+    count = bench("bench_train").count_flops
+    conv = torch.nn.Conv2d(8, 8, 3, groups=8)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    fwd = count(lambda: conv(x))
+    assert count(lambda: conv(x).sum().backward()) == 3 * fwd
+
+
+def test_bench_infer(bench, tmp_path):
+    res = bench("bench_infer").main(["--sizes", "1,2", "--num-train", "2", "--image-size", "96", "--work",
+                                     str(tmp_path), "--no-isolate", "--json", str(tmp_path / "i.json")])
+    rows = res["rows"]
+    assert [(r["crf"], r["images"]) for r in rows] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    for r in rows:
+        assert r["img_s"] > 0 and r["peak_rss_mb"] >= r["rss_at_start_mb"] > 0 and "rss_growth_mb" in r
+    assert "Streaming:" in res["markdown"]
+
+
+def test_bench_eval(bench, tmp_path):
+    res = bench("bench_eval").main(["--masks", "6", "--pool", "3", "--repeats", "1", "--threads", "1",
+                                    "--json", str(tmp_path / "e.json")])
+    assert [(r["path"], r["threads"]) for r in res["rows"]] == [("memory", 1), ("disk", 1)]
+    assert all(r["masks_s"] > 0 for r in res["rows"])
+    assert res["same_miou"] and 0 < res["miou"] <= 1
+
+
+def test_make_pair_shape(bench):
+    import numpy as np
+
+    pred, gt = bench("bench_eval").make_pair(np.random.default_rng(0))
+    assert pred.shape == gt.shape == (375, 500) and pred.dtype == gt.dtype == np.uint8
+    assert 255 in gt and set(np.unique(gt).tolist()) - {255} <= set(range(21))
+
+
+def test_write_section_keeps_other_sections(bench, tmp_path):
+    common = bench("common")
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# R\n\n## Ablation: tkp\n\n<!-- ablation:tkp -->\nA\n<!-- /ablation:tkp -->\n")
+    common.write_section("eval", "Evaluator", "one", path)
+    common.write_section("gpu", "GPU", "two", path)
+    common.write_section("eval", "Evaluator", "three", path)
+    doc = path.read_text()
+    assert "<!-- ablation:tkp -->\nA\n<!-- /ablation:tkp -->" in doc
+    assert "three" in doc and "one" not in doc and "two" in doc
+    assert doc.count("## Evaluator") == 1 and doc.index("## Evaluator") < doc.index("## GPU")
+
+
+def test_run_isolated(bench):
+    out = bench("common").run_isolated(BENCH / "common.py", "machine", {"device": "cpu"})
+    assert isinstance(out, str) and "torch" in out
