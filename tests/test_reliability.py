@@ -24,8 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import default_objects, make_coco_dataset, make_folder_dataset, make_voc_dataset, render
-from conftest import write_mask_png
+from conftest import (
+    default_objects,
+    make_coco_dataset,
+    make_folder_dataset,
+    make_voc_dataset,
+    render,
+    write_mask_png,
+)
 from engine_fakes import make_cfg, make_voc  # importing engine_fakes registers the "fake" method
 from wsss import cli
 from wsss.config import DataConfig, save_config
@@ -386,8 +392,15 @@ def test_hostile_checkpoint_for_pseudo_label_is_refused(monkeypatch, capsys, tmp
         code, _, err = run_cli(monkeypatch, capsys, "pseudo-label", run, "--data", data, "--split", "val",
                                "--out", tmp_path / "masks", "--checkpoint", evil)
         assert code == 1
-        assert error_line(err).startswith(f"error: {evil}: refused to load") or f"{evil}: cannot load" in err
+        line = error_line(err)
+        assert line.startswith(f"error: {evil}: refused to load: not a plain tensor checkpoint") and "posix.system" in line
         assert not hostile[2].exists()
+    truncated = tmp_path / "truncated.pt"  # as a kill -9 during a non-atomic copy would leave it
+    truncated.write_bytes((run / "last.pt").read_bytes()[:5000])
+    for bad in (truncated, tmp_path / "missing.pt"):
+        code, _, err = run_cli(monkeypatch, capsys, "pseudo-label", run, "--data", data, "--split", "val",
+                               "--out", tmp_path / "masks", "--checkpoint", bad)
+        assert code == 1 and error_line(err).startswith(f"error: {bad}: ")
 
 
 def test_hostile_backbone_weights_and_resume_are_refused(monkeypatch, capsys, tmp_path, hostile):
@@ -485,11 +498,19 @@ def test_kill_during_training_then_resume_is_exact(monkeypatch, capsys, tmp_path
     assert mious[0] == mious[1] and mious[0] is not None
 
 
+N_BIG = 30
+
+
+@pytest.fixture(scope="module")
+def big_data(tmp_path_factory) -> Path:
+    """N_BIG training images, enough for a kill to land mid-run (~0.1 s an image)."""
+    return make_voc(tmp_path_factory.mktemp("big") / "data", n_train=N_BIG, n_val=1, seed=1)
+
+
 @pytest.mark.slow
-def test_kill_during_pseudo_label_then_rerun_is_byte_identical(monkeypatch, capsys, tmp_path, tkp_run):
+def test_kill_during_pseudo_label_then_rerun_is_byte_identical(monkeypatch, capsys, tmp_path, tkp_run, big_data):
     run, _ = tkp_run
-    n = 30
-    data = make_voc(tmp_path / "big", n_train=n, n_val=1, seed=1)
+    n, data = N_BIG, big_data
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     kill_when(["pseudo-label", run, "--data", data, "--split", "train", "--out", killed],
               lambda: len(list(killed.glob("*.png"))) >= 3, tmp_path / "pl.log")
@@ -506,6 +527,28 @@ def test_kill_during_pseudo_label_then_rerun_is_byte_identical(monkeypatch, caps
     names = sorted(p.name for p in clean.glob("*.png"))
     assert len(names) == n and names == sorted(p.name for p in killed.glob("*.png"))
     for name in [*names, "summary.json"]:
+        assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_kill_during_predict_then_rerun_is_byte_identical(monkeypatch, capsys, tmp_path, tkp_run, big_data):
+    run, _ = tkp_run
+    images = big_data / "JPEGImages"
+    n = len(list(images.glob("*.png")))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    kill_when(["predict", run, images, "--out", killed, "--overlay"],
+              lambda: len([p for p in killed.glob("*.png")]) >= 3, tmp_path / "predict.log")
+    assert 3 <= len(list(killed.glob("*.png"))) < n  # killed mid-run
+
+    code, out, err = run_cli(monkeypatch, capsys, "predict", run, images, "--out", killed, "--overlay")
+    assert code == 0, err
+    assert 0 < json.loads(out)["computed"] < n and json.loads(out)["failed"] == []
+    code, out, err = run_cli(monkeypatch, capsys, "predict", run, images, "--out", clean, "--overlay")
+    assert code == 0 and json.loads(out)["computed"] == n, err
+
+    names = sorted(p.name for p in clean.iterdir())
+    assert len(names) == 2 * n and names == sorted(p.name for p in killed.iterdir() if not p.name.startswith("."))
+    for name in names:
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
 
 

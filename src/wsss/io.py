@@ -151,6 +151,9 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     """Load a checkpoint or weights file with weights_only=True: a hostile pickle cannot run code."""
     import pickle
@@ -163,6 +166,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: refused to load: not a plain tensor checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0] if str(e) else e})") from None
+        # torch wraps the reason (e.g. "unsupported GLOBAL posix.system") in advice to retry with
+        # weights_only=False, which is no option here: show the reason alone.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)), type(e).__name__)
+        raise DataError(f"{path}: refused to load: not a plain tensor checkpoint ({why})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as e:  # corrupt files
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot load checkpoint ({detail})") from None
+

@@ -10,6 +10,7 @@ constant `bg_threshold`. The argmax over those channels is the pseudo mask.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,18 @@ def resolve_workers(n: int) -> int:
     if n >= 0:
         return n
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@contextlib.contextmanager
+def loader_iter(loader) -> Iterator:
+    """iter(loader), its worker processes shut down on the way out, an error included. Left to torch, an
+    iterator that an error's traceback keeps alive is shut down later by the garbage collector, which
+    then waits 5 s for each worker."""
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        getattr(it, "_shutdown_workers", lambda: None)()  # multi-process iterators only; idempotent
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -392,30 +406,31 @@ def pseudo_label(
     def work():
         """Handles every image; yields the CRF jobs (id, rgb, probs) for the pool."""
         nonlocal computed
-        for item in _progress(loader, progress, f"pseudo-label {split}", total=len(items)):
-            if "error" in item:  # skip_bad
-                print(f"warning: skipped {item['error']}", file=sys.stderr)
-                skipped.append(item["error"])
-                continue
-            gt = item["mask"]
-            if "pred" in item:  # finished by an earlier run
-                cm.update(_tensor(item["pred"]), _tensor(gt))
-                continue
-            computed += 1
-            keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
-                                     cfg.infer, item["size"])
-            if sweep_cm is not None:
-                gt_t = _tensor(gt)
-                for t in sweep:
-                    sweep_cm.update(t, _threshold_mask(keep, probs, t).cpu(), gt_t)
-                continue
-            if save_maps:  # before the PNG: a PNG on disk means the image is complete
-                _save_maps(out_dir / "maps" / f"{item['id']}.npz", keep, probs)
-            if pool is None:
-                finish(item["id"], seed_mask(keep, probs), gt)
-            else:
-                pending[item["id"]] = (keep, gt)
-                yield item["id"], item["rgb"], probs.cpu().numpy()
+        with loader_iter(loader) as batches:
+            for item in _progress(batches, progress, f"pseudo-label {split}", total=len(items)):
+                if "error" in item:  # skip_bad
+                    print(f"warning: skipped {item['error']}", file=sys.stderr)
+                    skipped.append(item["error"])
+                    continue
+                gt = item["mask"]
+                if "pred" in item:  # finished by an earlier run
+                    cm.update(_tensor(item["pred"]), _tensor(gt))
+                    continue
+                computed += 1
+                keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
+                                         cfg.infer, item["size"])
+                if sweep_cm is not None:
+                    gt_t = _tensor(gt)
+                    for t in sweep:
+                        sweep_cm.update(t, _threshold_mask(keep, probs, t).cpu(), gt_t)
+                    continue
+                if save_maps:  # before the PNG: a PNG on disk means the image is complete
+                    _save_maps(out_dir / "maps" / f"{item['id']}.npz", keep, probs)
+                if pool is None:
+                    finish(item["id"], seed_mask(keep, probs), gt)
+                else:
+                    pending[item["id"]] = (keep, gt)
+                    yield item["id"], item["rgb"], probs.cpu().numpy()
 
     if pool is None:
         for _ in work():

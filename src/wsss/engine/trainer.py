@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from wsss.engine import distributed as D
-from wsss.engine.inference import evaluate_seeds, resolve_workers
+from wsss.engine.inference import evaluate_seeds, loader_iter, resolve_workers
 from wsss.errors import ConfigError, DataError, TrainingError
 from wsss.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 
@@ -327,8 +327,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
-        try:  # the bar is cleared before an error is shown (the CLI prints it on its own line)
-            for batch in loader:
+        # On an error too: the bar is cleared before the CLI prints it, the loader's workers are stopped.
+        with loader_iter(loader) as batches, bar if bar is not None else contextlib.nullcontext():
+            for batch in batches:
                 if n_steps >= steps:
                     break
                 skipped.update(dict.fromkeys(_batch_skipped(batch)))
@@ -364,9 +365,6 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                     bar.update(1)
                     if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
                         bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
-        finally:
-            if bar is not None:
-                bar.close()
         seconds = time.time() - t0
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
@@ -375,10 +373,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         if val_raw is not None and ((epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs):
             tv = time.time()
             method.eval()
-            val_skipped = [] if cfg.data.skip_bad else None
+            val_skipped: list[str] = []
             cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=progress and main,
-                                skipped=val_skipped)
-            skipped.update(dict.fromkeys(val_skipped or []))
+                                **({"skipped": val_skipped} if cfg.data.skip_bad else {}))
+            skipped.update(dict.fromkeys(val_skipped))
             cm.all_reduce()
             last_miou = cm.compute()["miou"]
             record.update(miou=last_miou, val_seconds=round(time.time() - tv, 3))
