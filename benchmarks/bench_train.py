@@ -9,12 +9,19 @@ backward + optimizer step + after_step (EMA) + reading the loss (the trainer's p
 backbone step is the same backbone, same trainable blocks, forward + `out.float().mean()` + backward +
 step. Inputs are random tensors and random multi-hot labels (no data loading).
 
+Timing: method and backbone are built side by side in one fresh process and their steps interleaved
+(warm-up, then N rounds of one step each), so load changes on a shared machine hit both alike; ms/step is
+the median, the method/backbone ratio the median of the per-round ratios. Peak memory comes from a
+separate fresh process per variant (peak RSS sampled while it builds and steps on CPU, including the
+interpreter and imports; torch.cuda.max_memory_allocated on GPU).
+
 FLOPs: torch.utils.flop_counter over one step (matmuls, convolutions, attention, LSTMs; the optimizer
 has none), i.e. the FLOPs actually executed, extra teacher / equivariance passes included. MFU = achieved
 FLOP/s over the best n x n matmul FLOP/s measured here (fp32 on CPU, bf16 on GPU).
 
-When a method costs more than --limit x its backbone, the extra is split by timing the method with each
-component switched off (ET, PCE; USAGE's teacher + L_REG) and the EMA update alone.
+When a method costs more than --limit x its backbone, the extra is split by timing the method against
+itself with each component switched off (ET, PCE; USAGE's teacher + L_REG), interleaved likewise, and
+the EMA update alone.
 
     python benchmarks/bench_train.py                              # CPU: demo presets, 224 px, batch 8
     python benchmarks/bench_train.py --device cuda --amp bf16 --suite gpu   # paper recipes on a GPU
@@ -104,34 +111,24 @@ def num_classes_of(preset: str) -> int:
     return 81 if preset.startswith("coco/") else 21
 
 
-def measure(preset: str, variant: str, size: int | None = None, batch: int | None = None, steps: int = 10,
-            warmup: int = 3, device: str = "cpu", amp: str = "", overrides: list[str] = (), threads: int = 0,
-            flops: bool = True, seed: int = 0) -> dict:
-    """One (case, variant) measurement; variant "method" or "backbone". JSON-able result."""
+def _build(preset: str, kind: str, overrides: list[str], size, batch, dev: torch.device, amp: str):
+    """(step function, description) of one variant in the trainer's steady state (see the module doc)."""
     from wsss.config import load_config
     from wsss.engine.trainer import _amp, _freeze_bn, _split_params, build_optimizer
     from wsss.methods import create_method
     from wsss.models import create_backbone
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    dev = torch.device(device)
     cfg = load_config(preset, ["model.backbone.pretrained=false", "model.backbone.weights=", *overrides])
     t = cfg.train
     size, batch = size or cfg.data.crop_size, batch or t.batch_size
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss = RSSPeak().start()  # the model, optimizer state and activations, until the timed steps end
-
-    if variant == "method":
+    if kind == "method":
         model = create_method(cfg, num_classes_of(preset))
         parts = model
-    elif variant == "backbone":
+    elif kind == "backbone":
         model = create_backbone(cfg.model.backbone)
         parts = SimpleNamespace(head_parameters=list, parameters=model.parameters, backbone_blocks=model.blocks)
     else:
-        raise ValueError(f"variant: method or backbone, got {variant!r}")
+        raise ValueError(f"variant kind: method or backbone, got {kind!r}")
     model = model.to(dev)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -154,43 +151,71 @@ def measure(preset: str, variant: str, size: int | None = None, batch: int | Non
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model.forward_losses(x, y, epoch)["loss"] if variant == "method" else model(x).float().mean()
+            loss = model.forward_losses(x, y, epoch)["loss"] if kind == "method" else model(x).float().mean()
         loss.backward()
         opt.step()
-        if variant == "method":
+        if kind == "method":
             model.after_step()
         return float(loss.detach())  # the trainer reads the loss every step (a sync on GPU)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(dev)
-        t0 = time.perf_counter()
-        step()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    rss.stop()
-    out = {"preset": preset, "variant": variant, "overrides": list(overrides), "backbone": cfg.model.backbone.name,
-           "size": size, "batch": batch, "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-           "trainable_params": sum(p.numel() for p in head + live), "step_s": statistics.median(times),
-           "step_s_all": times}
-    out["img_s"] = batch / out["step_s"]
-    if variant == "method" and getattr(model, "teacher", None) is not None:
-        t0 = time.perf_counter()
-        for _ in range(max(1, steps)):
-            model.after_step()
-        sync(dev)
-        out["ema_s"] = (time.perf_counter() - t0) / max(1, steps)
-    out["flops"] = count_flops(step) if flops else None
+    info = {"preset": preset, "kind": kind, "overrides": list(overrides), "backbone": cfg.model.backbone.name,
+            "size": size, "batch": batch, "device": str(dev),
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+            "trainable_params": sum(p.numel() for p in head + live)}
+    ema = model.after_step if kind == "method" and getattr(model, "teacher", None) is not None else None
+    return step, info, ema
+
+
+def measure(preset: str, variants: list[dict], size: int | None = None, batch: int | None = None, steps: int = 10,
+            warmup: int = 3, device: str = "cpu", amp: str = "", overrides: list[str] = (), threads: int = 0,
+            flops: bool = True, seed: int = 0) -> dict:
+    """Time the variants ({"name", "kind": "method" | "backbone", "overrides"}) of one case, built side by
+    side in this process with their timed steps interleaved round-robin, so a load change on a shared
+    machine hits them alike. Peak memory only with a single variant (the others' tensors would count).
+    Returns {name: result}, JSON-able."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
     if dev.type == "cuda":
-        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        out["mem_kind"] = "cuda max_memory_allocated"
-    else:
-        out["peak_mem_mb"] = rss.main_mb
-        out["rss_at_start_mb"] = rss.start_mb  # the interpreter + torch + imports, before the model
-        out["mem_kind"] = "peak RSS"
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss = RSSPeak().start()  # models, optimizer states and activations, until the timed steps end
+    built = {v["name"]: _build(preset, v["kind"], [*overrides, *v.get("overrides", [])], size, batch, dev, amp)
+             for v in variants}
+    for step, _, _ in built.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(steps):
+        for name, (step, _, _) in built.items():
+            sync(dev)
+            t0 = time.perf_counter()
+            step()
+            sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    rss.stop()
+    out = {}
+    for name, (step, info, ema) in built.items():
+        r = out[name] = {**info, "step_s": statistics.median(times[name]), "step_s_all": times[name]}
+        r["img_s"] = r["batch"] / r["step_s"]
+        if ema is not None:  # the EMA teacher update alone
+            t0 = time.perf_counter()
+            for _ in range(max(1, steps)):
+                ema()
+            sync(dev)
+            r["ema_s"] = (time.perf_counter() - t0) / max(1, steps)
+        r["flops"] = count_flops(step) if flops else None
+        r["peak_mem_mb"] = None
+        if len(built) == 1:
+            r["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss.main_mb
+            r["rss_at_start_mb"] = rss.start_mb  # the interpreter + torch + imports, before the model
+        r["mem_kind"] = "cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS"
     return out
+
+
+def ratio(a: dict, b: dict) -> float:
+    """Median over the interleaved rounds of a's step time over b's (robust to load drift)."""
+    return statistics.median(x / y for x, y in zip(a["step_s_all"], b["step_s_all"], strict=True))
 
 
 # --------------------------------------------------------------------------------------------- components
@@ -227,18 +252,19 @@ def markdown(result: dict) -> str:
     for case in result["cases"]:
         for r in (case["method"], case["backbone"]):
             tflops = r["flops"] / r["step_s"] / 1e12 if r["flops"] else None
-            ratio = f"**{case['ratio']:.2f}x**" if r["variant"] == "method" else "1"
-            rows.append([f"`{case['preset']}`" if r["variant"] == "method" else "", r["variant"], r["backbone"] if r["variant"] == "backbone" else "",
+            is_method = r["kind"] == "method"
+            rows.append([f"`{case['preset']}`" if is_method else "", r["kind"], "" if is_method else r["backbone"],
                          f"{r['batch']} x {r['size']}", f"{1000 * r['step_s']:.0f}", _fmt(r["img_s"]),
                          _fmt(r["flops"] / 1e9 if r["flops"] else None), _fmt(tflops, 3),
-                         _fmt(100 * tflops * 1e12 / peak if tflops else None), f"{r['peak_mem_mb']:.0f}", ratio])
+                         _fmt(100 * tflops * 1e12 / peak if tflops else None), _fmt(r["peak_mem_mb"], 0),
+                         f"**{case['ratio']:.2f}x**" if is_method else "1"])
     text = table(["case", "step", "backbone", "batch x px", "ms/step", "img/s", "GFLOP/step", "TFLOP/s",
                   "MFU %", "peak MiB", "method / backbone"], rows, "lllrrrrrrrr")
     notes = []
     for case in result["cases"]:
         ok = "within" if case["ratio"] <= result["limit"] else "OVER"
         line = f"- `{case['preset']}`: {case['ratio']:.2f}x the bare backbone ({ok} the {result['limit']}x target)"
-        parts = [f"{name}: {1000 * ms:.0f} ms/step ({100 * ms / case['method']['step_s']:.0f}% of the step)"
+        parts = [f"{name}: {1000 * ms:.0f} ms/step ({100 * case['breakdown_share'][name]:.0f}% of the method's step)"
                  for name, ms in case.get("breakdown", {}).items()]
         if "ema_s" in case["method"]:
             parts.append(f"EMA update alone: {1000 * case['method']['ema_s']:.1f} ms")
@@ -283,25 +309,32 @@ def main(argv: list[str] | None = None) -> dict:
         cases = [(p, None, None) for p in args.cases.split(",")]
     here = Path(__file__).resolve()
 
-    def run(preset, variant, size, batch, extra=()):
-        kw = dict(preset=preset, variant=variant, size=size, batch=batch, steps=steps, warmup=args.warmup,
-                  device=args.device, amp=args.amp, overrides=[*args.override, *extra], threads=args.threads,
-                  flops=not args.no_flops and not extra)
+    def run(preset, size, batch, variants, steps=steps, warmup=args.warmup, flops=not args.no_flops):
+        kw = dict(preset=preset, variants=variants, size=size, batch=batch, steps=steps, warmup=warmup,
+                  device=args.device, amp=args.amp, overrides=args.override, threads=args.threads, flops=flops)
         return measure(**kw) if args.no_isolate else run_isolated(here, "measure", kw)
 
+    pair = [{"name": "method", "kind": "method"}, {"name": "backbone", "kind": "backbone"}]
     with CPUShare() as share:
         peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         peak = matmul_peak(dev, peak_dtype)
         out_cases = []
         for preset, size, batch in cases:
             size, batch = args.size or size, args.batch or batch
-            m = run(preset, "method", size, batch)
-            b = run(preset, "backbone", size, batch)
-            case = {"preset": preset, "method": m, "backbone": b, "ratio": m["step_s"] / b["step_s"]}
-            if args.breakdown == "always" or (args.breakdown == "auto" and case["ratio"] > args.limit):
-                case["breakdown"] = {name: m["step_s"] - run(preset, "method", size, batch, off)["step_s"]
-                                     for name, off in components(preset, args.override)}
-            print(f"{preset}: method {1000 * m['step_s']:.0f} ms, backbone {1000 * b['step_s']:.0f} ms, "
+            r = run(preset, size, batch, pair)
+            for v in pair:  # peak memory: each variant alone in a fresh process
+                alone = run(preset, size, batch, [v], steps=1, warmup=1, flops=False)[v["name"]]
+                r[v["name"]].update({k: alone.get(k) for k in ("peak_mem_mb", "rss_at_start_mb")})
+            case = {"preset": preset, "method": r["method"], "backbone": r["backbone"],
+                    "ratio": ratio(r["method"], r["backbone"])}
+            comps = components(preset, args.override)
+            if comps and (args.breakdown == "always" or (args.breakdown == "auto" and case["ratio"] > args.limit)):
+                # the method against itself with each component off, interleaved in one process
+                rb = run(preset, size, batch, [pair[0]] + [{"name": n, "kind": "method", "overrides": o} for n, o in comps],
+                         flops=False)
+                case["breakdown"] = {n: (1 - 1 / ratio(rb["method"], rb[n])) * rb["method"]["step_s"] for n, _ in comps}
+                case["breakdown_share"] = {n: 1 - 1 / ratio(rb["method"], rb[n]) for n, _ in comps}
+            print(f"{preset}: method {1000 * r['method']['step_s']:.0f} ms, backbone {1000 * r['backbone']['step_s']:.0f} ms, "
                   f"ratio {case['ratio']:.2f}", file=sys.stderr, flush=True)
             out_cases.append(case)
     result = {"command": command, "machine": machine(args.device), "cpu_share": share.note(), "shared": share.shared,

@@ -284,3 +284,15 @@ def test_with_real_offline_backbone():
     out["loss"].backward()
     assert model.backbone.model[0][0].weight.grad is not None
     assert model.class_maps(x).shape == (2, NUM_CLASSES, 4, 4)
+
+
+def test_pce_projection_head_is_used_and_trained():
+    """With pce.projection_dim, PCE reaches the backbone through a projection head that gets gradients."""
+    method = make(dropout=0.0, pce=PCEConfig(weight=1.0, confidence=0.0, projection_dim=8))
+    assert method.pce_projection is not None and method.pce_projection[-1].out_channels == 8
+    out = method.forward_losses(*batch(), epoch=0)
+    assert out["pce"] > 0
+    out["loss"].backward()
+    assert method.pce_projection[0].weight.grad.abs().sum() > 0
+    assert method.backbone.head.weight.grad.abs().sum() > 0
+    assert make().pce_projection is None  # the literal form: PCE on the embeddings themselves

@@ -51,6 +51,12 @@ class PCEConfig:
     margin: float = 0.0  # different-class pairs are penalised above this cosine similarity
     max_patches: int = 1024  # patches sampled per batch to bound the pairwise memory
     warmup_epochs: int = 0  # epochs without PCE
+    # > 0: PCE acts on a small projection (1x1 conv, ReLU, 1x1 conv to this many channels) of the patch
+    # embeddings instead of on the embeddings themselves, as contrastive methods do (SimCLR's projection
+    # head): pulling every background patch of a batch onto one point directly in the classifier's input
+    # space cost mIoU on the demo (see benchmarks/RESULTS.md); through a projection it shapes the features
+    # without collapsing them. 0 = the paper's literal form.
+    projection_dim: int = 0
 
 
 @dataclass
@@ -116,6 +122,14 @@ class PatchClassifier(Method):
         self.embed_dim = self.bilstm.out_channels if self.bilstm is not None else dim
         # a per-patch linear classifier without bias: a 1x1 conv on the grid
         self.classifier = nn.Conv2d(self.embed_dim, num_classes, kernel_size=1, bias=False)
+        proj = cfg.pce.projection_dim
+        self.pce_projection = (
+            nn.Sequential(
+                nn.Conv2d(self.embed_dim, self.embed_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(self.embed_dim, proj, 1)
+            )
+            if cfg.pce.weight > 0 and proj > 0
+            else None
+        )
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -152,7 +166,8 @@ class PatchClassifier(Method):
         pce = zero
         if self.cfg.pce.weight > 0 and epoch >= self.cfg.pce.warmup_epochs:
             c = self.cfg.pce
-            sel, cls = select_pce_patches(emb, z, present, c.confidence, c.max_patches)
+            feats = emb if self.pce_projection is None else self.pce_projection(emb)
+            sel, cls = select_pce_patches(feats, z, present, c.confidence, c.max_patches)
             pce = pce_loss(sel, cls, c.margin)
         l2 = zero
         if self.cfg.classifier_weight_decay > 0:
