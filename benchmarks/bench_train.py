@@ -264,8 +264,9 @@ def markdown(result: dict) -> str:
     for case in result["cases"]:
         ok = "within" if case["ratio"] <= result["limit"] else "OVER"
         line = f"- `{case['preset']}`: {case['ratio']:.2f}x the bare backbone ({ok} the {result['limit']}x target)"
-        parts = [f"{name}: {1000 * ms:.0f} ms/step ({100 * case['breakdown_share'][name]:.0f}% of the method's step)"
-                 for name, ms in case.get("breakdown", {}).items()]
+        parts = [f"{name}: {b['ms']:.0f} ms/step, {100 * b['share']:.0f}% of the method's step"
+                 + (f", {b['gflop']:.1f} GFLOP" if b["gflop"] is not None else "")
+                 + f" (without it: ~{b['ratio_without']:.2f}x)" for name, b in case.get("breakdown", {}).items()]
         if "ema_s" in case["method"]:
             parts.append(f"EMA update alone: {1000 * case['method']['ema_s']:.1f} ms")
         notes.append(line + ("; " + "; ".join(parts) if parts else "") + ".")
@@ -330,10 +331,12 @@ def main(argv: list[str] | None = None) -> dict:
             comps = components(preset, args.override)
             if comps and (args.breakdown == "always" or (args.breakdown == "auto" and case["ratio"] > args.limit)):
                 # the method against itself with each component off, interleaved in one process
-                rb = run(preset, size, batch, [pair[0]] + [{"name": n, "kind": "method", "overrides": o} for n, o in comps],
-                         flops=False)
-                case["breakdown"] = {n: (1 - 1 / ratio(rb["method"], rb[n])) * rb["method"]["step_s"] for n, _ in comps}
-                case["breakdown_share"] = {n: 1 - 1 / ratio(rb["method"], rb[n]) for n, _ in comps}
+                rb = run(preset, size, batch, [pair[0]] + [{"name": n, "kind": "method", "overrides": o} for n, o in comps])
+                case["breakdown"] = {n: {"share": 1 - 1 / ratio(rb["method"], rb[n]),
+                                         "ms": 1000 * (1 - 1 / ratio(rb["method"], rb[n])) * rb["method"]["step_s"],
+                                         "gflop": (rb["method"]["flops"] - rb[n]["flops"]) / 1e9 if rb[n]["flops"] else None,
+                                         "ratio_without": ratio(rb[n], rb["method"]) * case["ratio"]}
+                                     for n, _ in comps}
             print(f"{preset}: method {1000 * r['method']['step_s']:.0f} ms, backbone {1000 * r['backbone']['step_s']:.0f} ms, "
                   f"ratio {case['ratio']:.2f}", file=sys.stderr, flush=True)
             out_cases.append(case)

@@ -6,6 +6,7 @@ no GPU was used, written only when the section is missing, so figures measured o
 ablations (benchmarks/ablation.py) are separate: they train for minutes per row.
 
     python benchmarks/run_all.py                 # everything, writes RESULTS.md
+    python benchmarks/run_all.py --threads 1     # the same, one torch thread (steadier on a shared machine)
     python benchmarks/run_all.py --only eval,infer --no-write
 """
 
@@ -39,14 +40,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="train,infer,eval,gpu", help="comma-separated subset")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     ap.add_argument("--json", type=Path, help="all results in one JSON file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the training and pseudo-label benchmarks (0: torch's default; 1 is "
+                         "steadier on a machine shared with another job). The evaluator runs both 1 and the default")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     write = [] if args.no_write else ["--write"]
+    threads = ["--threads", str(args.threads)] if args.threads else []
     results = {}
     if "train" in only:
-        results["train"] = bench_train.main(write)
+        results["train"] = bench_train.main([*threads, *write])
     if "infer" in only:
-        results["infer"] = bench_infer.main(write)
+        results["infer"] = bench_infer.main([*threads, *write])
     if "eval" in only:
         results["eval"] = bench_eval.main(write)
     if "gpu" in only:
