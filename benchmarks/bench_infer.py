@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     command = "python benchmarks/bench_infer.py " + " ".join(sys.argv[1:] if argv is None else argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.threads:  # here too, so the machine line tells the threads the runs used
+        import torch
+
+        torch.set_num_threads(args.threads)
     tmp = None if args.work else tempfile.mkdtemp(prefix="wsss-bench-infer-")
     work = args.work or Path(tmp)
     try:
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                        for c in (False, True) if len(sub := [r for r in rows if r["crf"] == c]) > 1)
     result["markdown"] = (
         f"Command: `{command}`  \nMachine: {result['machine']}.  \n{share.note()}.  \n"
-        f"`{args.preset}` run (random weights, one training step), demo val images (200-256 px), inference at "
+        f"`{args.preset}` run (random weights, one training step), demo val images "
+        f"({f'{args.image_size} px' if args.image_size else '200-256 px'}), inference at "
         f"scales {icfg.scales}, flip {icfg.flip}, CPU; each row a fresh process. RSS: peak of the current "
         f"RSS during the call (sampled), main process and main + workers (shared pages counted per process).\n\n{body}\n\n"
         + (f"Streaming: {growth}.\n" if growth else ""))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,20 @@ from wsss.io import voc_palette
 # One intra-op thread: the suite's models are tiny, and on a 2-core machine torch's thread pool
 # fighting with the other process (a worker, a second rank) slows steps down 5-20x.
 torch.set_num_threads(1)
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `wsss ARGS` in-process as a user would: (exit code, stdout, stderr)."""
+    from wsss import cli
+
+    monkeypatch.setattr(sys, "argv", ["wsss", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
-from conftest import write_image, write_mask_png
 from PIL import Image
 
-from wsss import cli
+from conftest import run_cli, write_image, write_mask_png
 from wsss.data.demo import make_demo
 from wsss.io import read_mask
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["wsss", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 CLASSES = ["background", "potted plant", "tv/monitor", "dining table"]
 

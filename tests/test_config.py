@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from wsss.config import ConfigError, Config, config_from_dict, list_presets, load_config, save_config
+from wsss.config import Config, ConfigError, config_from_dict, list_presets, load_config, save_config
 
 
 def write(path, text):

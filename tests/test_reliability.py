@@ -30,6 +30,7 @@ from conftest import (
     make_folder_dataset,
     make_voc_dataset,
     render,
+    run_cli,
     write_mask_png,
 )
 from engine_fakes import make_cfg, make_voc  # importing engine_fakes registers the "fake" method
@@ -51,17 +52,6 @@ def _threads():
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): bit-identical CPU results
     yield
     torch.set_num_threads(n)
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["wsss", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:
