@@ -101,6 +101,14 @@ def test_run_folder_and_log(voc, tmp_path):
     assert cfg.method.name == "fake" and names[0] == "background" and not method.training
 
 
+def test_val_every_zero_never_validates(voc, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(voc, epochs=2, val_every=0), run, progress=False)
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and not any("miou" in r for r in records)
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+
+
 def test_frozen_warmup_then_last_blocks(voc, tmp_path):
     init = FakeMethod(FakeConfig(), None, 3).state_dict()
     run = tmp_path / "run"

@@ -76,7 +76,8 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float = 0.0  # max grad norm, 0 = off
     max_steps_per_epoch: int = 0  # 0 = the whole dataset
-    val_every: int = 1  # epochs between val pseudo-mask mIoU (when the val split has masks)
+    val_every: int = 1  # epochs between val pseudo-mask mIoU (when the val split has masks); the last epoch
+    #                   always; 0: never (no best.pt, the run's checkpoint is the last epoch's)
     log_every: int = 10  # steps
 
 

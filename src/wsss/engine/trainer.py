@@ -370,7 +370,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
 
-        if val_raw is not None and ((epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs):
+        if val_raw is not None and t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
             tv = time.time()
             method.eval()
             val_skipped: list[str] = []
