@@ -9,14 +9,21 @@ mass leaked to a wrong, absent class and a little noise on every channel. mIoU i
 
     python benchmarks/bench_crf.py                 # 8 images, about 10 s on one core
     python benchmarks/bench_crf.py --images 20 --preset toco
+    python benchmarks/bench_crf.py --num-classes 81   # COCO's label count
+    python benchmarks/bench_crf.py --write         # also the "Dense CRF" section of RESULTS.md (21 and 81)
+
+Why not more than ~2.5x at 21 classes: pydensecrf's cost per image is a fixed part (building the
+bilateral permutohedral lattice, ~0.1-0.5 s at 500x375 depending on the image's colour noise, and a
+per-iteration overhead) plus a part linear in the number of labels; only the second shrinks with fewer
+channels. `--phases` times the two parts.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -24,18 +31,20 @@ from scipy.ndimage import gaussian_filter
 from wsss.config import CRFConfig
 from wsss.postprocess.crf import refine
 
-NUM_CLASSES = 21
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table, write_section  # noqa: E402
+
 H, W = 375, 500
 
 
-def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image uint8 [H,W,3], mask uint8 [H,W], probs float32 [21,H,W])."""
+def make_sample(rng: np.random.Generator, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image uint8 [H,W,3], mask uint8 [H,W], probs float32 [num_classes,H,W])."""
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     bg_a, bg_b = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
     t = (xx / W * np.cos(rng.uniform(0, np.pi)) + yy / H * np.sin(rng.uniform(0, np.pi)))[..., None]
     image = bg_a + (bg_b - bg_a) * np.clip(t, 0, 1)
     mask = np.zeros((H, W), np.uint8)
-    classes = rng.choice(np.arange(1, NUM_CLASSES), size=rng.integers(1, 3), replace=False)
+    classes = rng.choice(np.arange(1, num_classes), size=rng.integers(1, 3), replace=False)
     for c in classes:
         cy, cx = rng.uniform(0.25, 0.75) * H, rng.uniform(0.2, 0.8) * W
         ry, rx, a = rng.uniform(40, 110), rng.uniform(50, 150), rng.uniform(0, np.pi)
@@ -46,11 +55,11 @@ def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.nd
         image[inside] = rng.uniform(0, 255, 3) + 25 * gaussian_filter(rng.normal(size=(H, W)), 3)[inside, None]
     image = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
 
-    onehot = np.eye(NUM_CLASSES, dtype=np.float32)[mask].transpose(2, 0, 1)
+    onehot = np.eye(num_classes, dtype=np.float32)[mask].transpose(2, 0, 1)
     dy, dx = rng.integers(-12, 13, 2)
     scores = gaussian_filter(np.roll(onehot, (dy, dx), axis=(1, 2)), sigma=(0, 10, 10))
     for c in classes:  # confusion with a similar, absent class on part of the object
-        wrong = rng.choice([k for k in range(1, NUM_CLASSES) if k not in classes])
+        wrong = rng.choice([k for k in range(1, num_classes) if k not in classes])
         blocks = (rng.random((H // 40 + 1, W // 40 + 1)) > 0.6).astype(np.float32)
         leak = gaussian_filter(np.kron(blocks, np.ones((40, 40), np.float32))[:H, :W], 8)
         scores[wrong] += 1.5 * scores[c] * leak
@@ -59,8 +68,8 @@ def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.nd
     return image, mask, probs.astype(np.float32)
 
 
-def confusion(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    return np.bincount(gt.ravel() * NUM_CLASSES + pred.ravel(), minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, -1)
+def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(gt.ravel() * num_classes + pred.ravel(), minlength=num_classes**2).reshape(num_classes, -1)
 
 
 def miou(conf: np.ndarray) -> float:
@@ -79,35 +88,100 @@ def variants(image: np.ndarray, probs: np.ndarray, keep: np.ndarray, cfg: CRFCon
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def phases(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> tuple[float, float]:
+    """Seconds of (lattice setup, 10 mean-field iterations) of one pydensecrf call."""
+    import pydensecrf.densecrf as dcrf
+
+    from wsss.postprocess.crf import resolve
+
+    cfg = resolve(cfg)
+    k = probs.shape[0]
+    t0 = time.perf_counter()
+    crf = dcrf.DenseCRF2D(W, H, k)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-8, None)).reshape(k, -1)))
+    crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb, rgbim=image, compat=cfg.bilateral_compat)
+    t1 = time.perf_counter()
+    crf.inference(int(cfg.iterations))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run(images: int, seed: int, preset: str, num_classes: int) -> dict:
+    cfg = CRFConfig(preset=preset)
+    rng = np.random.default_rng(seed)
+    names = ("none", "none_present", "present", "all")
+    conf = {n: np.zeros((num_classes, num_classes), np.int64) for n in names}
+    secs = dict.fromkeys(names, 0.0)
+    setup = {"present": 0.0, "all": 0.0}
+    iters = {"present": 0.0, "all": 0.0}
+    for _ in range(images):
+        image, mask, probs = make_sample(rng, num_classes)
+        keep = np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])  # background + GT tags
+        for name, fn in variants(image, probs, keep, cfg).items():
+            t0 = time.perf_counter()
+            pred = fn()
+            secs[name] += time.perf_counter() - t0
+            conf[name] += confusion(pred.astype(np.int64), mask.astype(np.int64), num_classes)
+        for name, p in (("present", probs[keep]), ("all", probs)):
+            a, b = phases(image, p, cfg)
+            setup[name] += a
+            iters[name] += b
+    return {
+        "num_classes": num_classes, "images": images, "preset": preset,
+        "ms": {n: 1000 * secs[n] / images for n in names},
+        "miou": {n: miou(conf[n]) for n in names},
+        "setup_ms": {n: 1000 * v / images for n, v in setup.items()},
+        "iterations_ms": {n: 1000 * v / images for n, v in iters.items()},
+    }
+
+
+LABELS = {
+    "none": "no CRF, argmax of all classes",
+    "none_present": "no CRF, argmax of the present classes",
+    "present": "CRF on present classes (bg + GT tags, 2-3 channels)",
+    "all": "CRF on all classes",
+}
+
+
+def markdown(results: list[dict], command: str) -> str:
+    rows = []
+    for r in results:
+        for name in ("none", "none_present", "present", "all"):
+            rows.append([LABELS[name], r["num_classes"], f"{r['ms'][name]:.0f}", f"{100 * r['miou'][name]:.1f}",
+                         f"{r['setup_ms'][name]:.0f}" if name in r["setup_ms"] else "",
+                         f"{r['iterations_ms'][name]:.0f}" if name in r["iterations_ms"] else ""])
+    speed = "; ".join(
+        f"{r['num_classes']} classes: present-class CRF {r['ms']['all'] / r['ms']['present']:.1f}x faster than "
+        f"all-class, mIoU {100 * r['miou']['present']:.1f} vs {100 * r['miou']['all']:.1f}"
+        for r in results
+    )
+    return (
+        f"Command: `{command}`  \nMachine: {machine()}.  \n"
+        f"{results[0]['images']} synthetic {W}x{H} images each (1-2 objects, blurred and displaced class "
+        f"probabilities leaking onto an absent class), preset `{results[0]['preset']}`, one process. "
+        "Setup = building the CRF (unary + the two permutohedral lattices), then 10 mean-field iterations; "
+        "both timed again apart from the end-to-end column.\n\n"
+        + table(["variant", "classes", "ms / image", "mIoU %", "setup ms", "iterations ms"], rows)
+        + f"\n\n{speed}.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="vit_pcm", help="vit_pcm | toco")
+    ap.add_argument("--num-classes", type=int, default=21, help="label count (21: VOC, 81: COCO)")
+    ap.add_argument("--write", action="store_true", help="run 21 and 81 classes and update RESULTS.md")
     args = ap.parse_args(argv)
-    cfg = CRFConfig(preset=args.preset)
-    rng = np.random.default_rng(args.seed)
-    rows = {name: [np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64), 0.0] for name in ("none", "none_present", "present", "all")}
-    for _ in range(args.images):
-        image, mask, probs = make_sample(rng)
-        keep = np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])  # background + GT tags
-        for name, run in variants(image, probs, keep, cfg).items():
-            t0 = time.perf_counter()
-            pred = run()
-            rows[name][1] += time.perf_counter() - t0
-            rows[name][0] += confusion(pred.astype(np.int64), mask.astype(np.int64))
-    labels = {
-        "none": "no CRF, argmax of all 21 classes",
-        "none_present": "no CRF, argmax of the present classes",
-        "present": "CRF on present classes (bg + GT tags, 2-3 channels)",
-        "all": "CRF on all 21 classes",
-    }
-    print(f"`python benchmarks/bench_crf.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`"))
-    print(f"\n{args.images} synthetic {W}x{H} images, preset `{args.preset}`, one process, {platform.processor() or platform.machine()}\n")
-    print("| variant | ms / image | mIoU |")
-    print("|---|---:|---:|")
-    for name, (conf, secs) in rows.items():
-        print(f"| {labels[name]} | {1000 * secs / args.images:.0f} | {100 * miou(conf):.1f} |")
+    counts = [21, 81] if args.write else [args.num_classes]
+    results = [run(args.images, args.seed, args.preset, n) for n in counts]
+    command = "python benchmarks/bench_crf.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(results, command.strip())
+    print(text)
+    if args.write:
+        write_section("crf", "Dense CRF: present classes vs all classes", text)
+    return results
 
 
 if __name__ == "__main__":

@@ -91,3 +91,12 @@ def test_write_section_keeps_other_sections(bench, tmp_path):
 def test_run_isolated(bench):
     out = bench("common").run_isolated(BENCH / "common.py", "machine", {"device": "cpu"})
     assert isinstance(out, str) and "torch" in out
+
+
+def test_bench_crf(bench):
+    pytest.importorskip("pydensecrf")
+    (res,) = bench("bench_crf").main(["--images", "1", "--num-classes", "6"])
+    assert res["num_classes"] == 6 and set(res["ms"]) == {"none", "none_present", "present", "all"}
+    assert all(0 <= v <= 1 for v in res["miou"].values()) and res["setup_ms"]["all"] > 0
+    # seeded: the leak onto absent classes is what present-class restriction removes
+    assert res["miou"]["none_present"] >= res["miou"]["none"]
