@@ -113,3 +113,21 @@ def test_torchrun_cli_real_method(tmp_path):
     state = load_checkpoint(run / "last.pt")
     assert state["world_size"] == 2 and state["epoch"] == 2
     assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sync_batchnorm_only_for_distributed_accelerators():
+    """GPU DDP gets SyncBatchNorm (statistics over the global batch); CPU and single-process keep BN."""
+    from torch import nn
+
+    from wsss.engine.distributed import DistInfo, sync_batchnorm
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+
+    def kinds(m):
+        return [type(x).__name__ for x in m.modules() if "BatchNorm" in type(x).__name__]
+
+    gpu_ddp = DistInfo(world_size=2, device=torch.device("cuda", 0))  # conversion itself needs no GPU
+    assert kinds(sync_batchnorm(net(), gpu_ddp)) == ["SyncBatchNorm", "SyncBatchNorm"]
+    assert kinds(sync_batchnorm(net(), DistInfo(world_size=2))) == ["BatchNorm2d", "BatchNorm2d"]
+    assert kinds(sync_batchnorm(net(), DistInfo(world_size=1, device=torch.device("cuda", 0)))) == ["BatchNorm2d"] * 2

@@ -74,6 +74,8 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = True  # under torchrun on GPU: BatchNorm statistics over the global batch (SyncBatchNorm;
+    #                      torch has no CPU kernel for it, so CPU/gloo runs keep per-process statistics)
     grad_clip: float = 0.0  # max grad norm, 0 = off
     max_steps_per_epoch: int = 0  # 0 = the whole dataset
     val_every: int = 1  # epochs between val pseudo-mask mIoU (when the val split has masks); the last epoch

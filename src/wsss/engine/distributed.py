@@ -105,6 +105,15 @@ def all_gather_object(obj):
     return out
 
 
+def sync_batchnorm(module: nn.Module, info: DistInfo) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when distributed on GPU, so a BN layer sees the global batch, not
+    batch_size / world_size images (the quality of a run then does not depend on the process count).
+    torch implements SyncBatchNorm for accelerators only: on CPU (gloo) the module is returned as is."""
+    if not info.distributed or info.device.type == "cpu":
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused_parameters: bool = True) -> nn.Module:
     """DistributedDataParallel over the parameters that require grad *now*.
 

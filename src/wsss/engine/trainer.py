@@ -248,6 +248,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                         or f"{cfg.data.root}: split {cfg.data.train_split!r} is empty")
     class_names = list(train_raw.class_names)
     method = create_method(cfg, len(class_names)).to(dev)
+    if t.sync_bn:
+        method = D.sync_batchnorm(method, info)
     if t.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if main:
