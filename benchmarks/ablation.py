@@ -12,6 +12,11 @@ split by a sweep and are reported on val, as the literature does.
     python benchmarks/ablation.py tkp --write    # also replace the matching section of RESULTS.md
     python benchmarks/ablation.py tau --data-seed 0 --only "CNN: tau=4"   # one row (appended to rows.jsonl)
     python benchmarks/ablation.py tau --data-seed 0 --table-only --write  # the table of every row run
+    python benchmarks/ablation.py tkp --only "top-K, K=10%" --train-seed 1   # the same row, another run
+
+A run on 400 images for 150 steps varies a lot with the training seed (weights of the new layers, data
+order, augmentation): the table shows every training seed run and their mean, so compare means over the
+same seeds, and treat single-seed differences of a few points as noise.
 """
 
 from __future__ import annotations
@@ -63,16 +68,21 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
-def run_row(name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str]) -> dict:
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def run_row(
+    name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0
+) -> dict:
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_") + (f"_s{train_seed}" if train_seed else "")
     run_dir = work / slug
     shutil.rmtree(run_dir, ignore_errors=True)
     # no in-training val: the rows are scored below (CAM with the threshold chosen on train)
-    cfg = load_config(preset, [f"data.root={data_root}", "train.val_every=0", *overrides, *extra])
+    cfg = load_config(
+        preset, [f"data.root={data_root}", "train.val_every=0", f"train.seed={train_seed}", *overrides, *extra]
+    )
     t0 = time.perf_counter()
     train(cfg, run_dir, progress=False)
     train_s = time.perf_counter() - t0
-    row = {"name": name, "preset": preset, "overrides": " ".join(overrides), "train_s": round(train_s, 1)}
+    row = {"name": name, "preset": preset, "overrides": " ".join(overrides), "train_seed": train_seed,
+           "train_s": round(train_s, 1)}
     threshold = None
     if cfg.method.name == "cam":  # background threshold chosen on train, reported on val
         sweep = pseudo_label(run_dir, data_root, cfg.data.train_split, run_dir / "sweep", sweep_thresholds=THRESHOLDS, progress=False)
@@ -94,13 +104,17 @@ def markdown(suite: str, rows: list[dict], command: str) -> str:
         f"<!-- ablation:{suite} -->\n"
         f"Command: `{command}`  \n"
         f"Machine: {torch.get_num_threads()} threads, {cpu}, torch {torch.__version__}, CPU.\n\n"
-        "| run | overrides | val mIoU | bg thr (train) | train s | label s |\n|---|---|---:|---:|---:|---:|\n"
+        "| run | overrides | val mIoU (mean) | per training seed | bg thr (train) | train s | label s |\n"
+        "|---|---|---:|---|---|---:|---:|\n"
     )
-    lines = [
-        f"| {r['name']} | `{r['preset']}` {r['overrides']} | {r['val_miou']:.4f} | "
-        f"{'' if r['bg_threshold'] is None else r['bg_threshold']} | {r['train_s']:.0f} | {r['label_s']:.0f} |"
-        for r in rows
-    ]
+    lines = []
+    for runs in rows:  # one table row per ablation row: its runs, one per training seed
+        mean = sum(r["val_miou"] for r in runs) / len(runs)
+        seeds = ", ".join(f"{r.get('train_seed', 0)}: {r['val_miou']:.3f}" for r in runs)
+        thr = ", ".join("" if r["bg_threshold"] is None else str(r["bg_threshold"]) for r in runs).strip(", ")
+        r = runs[0]
+        lines.append(f"| {r['name']} | `{r['preset']}` {r['overrides']} | {mean:.4f} | {seeds} | {thr} | "
+                     f"{sum(x['train_s'] for x in runs) / len(runs):.0f} | {sum(x['label_s'] for x in runs) / len(runs):.0f} |")
     return head + "\n".join(lines) + f"\n<!-- /ablation:{suite} -->\n"
 
 
@@ -121,6 +135,7 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=1, help="benchmark seed (0 was used for tuning)")
     parser.add_argument("--work", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--only", default="", help="run only rows whose name contains this ('a|b': either)")
+    parser.add_argument("--train-seed", type=int, default=0, help="train.seed of the runs (rows keep one run per seed)")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table from the rows run so far")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra key=value for every row")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -136,16 +151,16 @@ def main() -> None:
         for name, preset, overrides in SUITES[args.suite]:
             if args.only and not any(part in name for part in args.only.split("|")):
                 continue
-            row = run_row(name, preset, overrides, data_root, work, args.override)
+            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed)
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    done = {}
+    done: dict[str, dict[int, dict]] = {}
     if rows_file.is_file():
         for line in rows_file.read_text().splitlines():
             row = json.loads(line)
-            done[row["name"]] = row  # the latest run of a row wins
-    rows = [done[name] for name, _, _ in SUITES[args.suite] if name in done]
+            done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row  # the latest run of a seed wins
+    rows = [[done[name][k] for k in sorted(done[name])] for name, _, _ in SUITES[args.suite] if name in done]
     command = "python benchmarks/ablation.py " + " ".join(
         [args.suite, f"--data-seed {args.data_seed}"] + [f"-o {o}" for o in args.override]
     )

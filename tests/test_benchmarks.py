@@ -100,3 +100,13 @@ def test_bench_crf(bench):
     assert all(0 <= v <= 1 for v in res["miou"].values()) and res["setup_ms"]["all"] > 0
     # seeded: the leak onto absent classes is what present-class restriction removes
     assert res["miou"]["none_present"] >= res["miou"]["none"]
+
+
+def test_ablation_table_shows_every_training_seed_and_the_mean(bench):
+    ablation = bench("ablation")
+    runs = [{"name": "top-K", "preset": "demo/tkp", "overrides": "", "train_seed": s, "val_miou": v,
+             "bg_threshold": None, "train_s": 10.0, "label_s": 2.0} for s, v in ((0, 0.4), (1, 0.6))]
+    text = ablation.markdown("tkp:seed1", [runs], "python benchmarks/ablation.py tkp")
+    (line,) = [x for x in text.splitlines() if x.startswith("| top-K")]
+    assert "| 0.5000 |" in line and "0: 0.400, 1: 0.600" in line
+    assert text.startswith("<!-- ablation:tkp:seed1 -->") and text.endswith("<!-- /ablation:tkp:seed1 -->\n")
