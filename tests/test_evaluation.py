@@ -94,16 +94,15 @@ def test_multi_confusion_and_table():
     assert "coffee cup" in table and "66.7" in table and "mean" in table
 
 
-def test_update_speed():
+def test_uint8_and_int64_inputs_count_alike():
+    """The uint8 path (what the loaders give, and what benchmarks/bench_eval.py times) counts as int64 does."""
     gt = torch.randint(0, 21, (375, 500), dtype=torch.uint8)
+    gt[:10] = 255
     pred = torch.randint(0, 21, (375, 500), dtype=torch.uint8)
-    import time
-
-    cm = ConfusionMatrix(21)
-    t = time.perf_counter()
-    for _ in range(100):
-        cm.update(pred, gt)
-    assert 100 / (time.perf_counter() - t) > 250  # ~4,000/s when idle; loose for a loaded CI machine
+    small, wide = ConfusionMatrix(21), ConfusionMatrix(21)
+    small.update(pred, gt)
+    wide.update(pred.long(), gt.long())
+    assert torch.equal(small.mat, wide.mat) and int(small.mat.sum()) == 365 * 500
 
 
 def _voc(root, masks, names):
