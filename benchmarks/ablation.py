@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def run_row(
     return row
 
 
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in runs)
+
+
 def markdown(suite: str, rows: list[dict], command: str) -> str:
     cpu = platform.processor() or platform.machine()
     head = (
@@ -109,12 +114,11 @@ def markdown(suite: str, rows: list[dict], command: str) -> str:
     )
     lines = []
     for runs in rows:  # one table row per ablation row: its runs, one per training seed
-        mean = sum(r["val_miou"] for r in runs) / len(runs)
         seeds = ", ".join(f"{r.get('train_seed', 0)}: {r['val_miou']:.3f}" for r in runs)
-        thr = ", ".join("" if r["bg_threshold"] is None else str(r["bg_threshold"]) for r in runs).strip(", ")
+        thr = ", ".join(str(r["bg_threshold"]) for r in runs if r["bg_threshold"] is not None)
         r = runs[0]
-        lines.append(f"| {r['name']} | `{r['preset']}` {r['overrides']} | {mean:.4f} | {seeds} | {thr} | "
-                     f"{sum(x['train_s'] for x in runs) / len(runs):.0f} | {sum(x['label_s'] for x in runs) / len(runs):.0f} |")
+        lines.append(f"| {r['name']} | `{r['preset']}` {r['overrides']} | {_mean(runs, 'val_miou'):.4f} | {seeds} | {thr} | "
+                     f"{_mean(runs, 'train_s'):.0f} | {_mean(runs, 'label_s'):.0f} |")
     return head + "\n".join(lines) + f"\n<!-- /ablation:{suite} -->\n"
 
 
