@@ -136,7 +136,7 @@ def _build(preset: str, kind: str, overrides: list[str], size, batch, dev: torch
     for p in dead:
         p.requires_grad_(False)
     model.train()
-    _freeze_bn(dead_blocks)
+    _freeze_bn(list(parts.backbone_blocks()) if t.freeze_bn else dead_blocks)
     opt = build_optimizer(cfg, [{"params": head, "lr": t.lr}, {"params": live, "lr": t.lr * t.backbone_lr_mult}])
     amp_dtype, _ = _amp(amp or t.amp, dev)
 

@@ -30,6 +30,7 @@ class FakeConfig:
     crash_at_step: int = -1  # forward_losses raises Crash at this call
     has_background: bool = True
     pointwise: bool = False  # 1x1 convs only: maps commute with flips
+    dropout: float = 0.3  # on the features in training (consumes the torch RNG)
 
 
 class FakeBackbone(nn.Module):
@@ -77,7 +78,7 @@ class FakeMethod(Method):
         self.calls += 1
         if k == self.cfg.crash_at_step:
             raise Crash(f"crash at call {k}")
-        f = F.dropout(self.backbone(images), 0.3, self.training)  # consumes the torch RNG
+        f = F.dropout(self.backbone(images), self.cfg.dropout, self.training)  # consumes the torch RNG
         logits = self.classifier(f)[:, 1:].mean((2, 3))
         mce = F.binary_cross_entropy_with_logits(logits, labels)
         reg = 1e-3 * logits.pow(2).mean()

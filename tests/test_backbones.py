@@ -40,6 +40,15 @@ def test_shapes_strides_blocks(name, os_, kind, channels):
     assert len(b.blocks()) >= 4
 
 
+def test_hybrid_stem_is_a_block_of_its_own():
+    """"Train the last N blocks" can freeze the hybrid's pretrained CNN stem alone."""
+    b = create_backbone(BackboneConfig(name="hybrid_vit_mobilenetv2", pretrained=False))
+    blocks = b.blocks()
+    assert blocks[0] is b.model.patch_embed.backbone
+    assert len(blocks) == 2 + len(b.model.blocks)  # stem, embedding group, blocks (last one with the norm)
+    assert not any(p is q for p in blocks[1].parameters() for q in blocks[0].parameters())
+
+
 def test_vit_position_embeddings_are_interpolated():
     b = create_backbone(BackboneConfig(name="vit_tiny_patch16_224", pretrained=False)).eval()
     x = torch.randn(1, 3, 96, 96)

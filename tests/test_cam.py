@@ -167,6 +167,41 @@ def test_ema_update_is_exact_and_copies_buffers():
     assert torch.equal(bn_s.running_mean, bn_t.running_mean) and bn_t.num_batches_tracked == 1
 
 
+def test_teacher_takes_the_frozen_prefix_from_the_student_exactly():
+    """Blocks that do not train are not computed again by the teacher: it replays the student's outputs,
+    and L_REG is exactly the one of a teacher that computes everything itself."""
+    m = make(weight=1.0, ema=0.9, student_drop=0.0, teacher_drop=0.0).train()
+    with torch.no_grad():  # a teacher that differs from the student where it trains
+        for p in m.teacher["backbone"].head.parameters():
+            p.add_(0.5)
+    x, y = batch()
+    assert m._shared_prefix() == ([], [])  # nothing frozen: nothing shared
+    m.backbone.stem.requires_grad_(False)
+    m.backbone.mid.requires_grad_(False)
+    assert m._shared_prefix() == ([m.backbone.stem, m.backbone.mid],
+                                  [m.teacher["backbone"].stem, m.teacher["backbone"].mid])
+    calls = []
+    m.teacher["backbone"].stem[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        expected = regularisation_loss(m._maps(m, x, 0.0), m._maps(m.teacher, x, 0.0), y, 1.0)
+    calls.clear()
+    reg = m.forward_losses(x, y, 0)["reg"]
+    assert calls == [], "the teacher computed its frozen stem"
+    assert reg > 0 and torch.allclose(reg, expected, rtol=1e-6, atol=0)
+    assert m.teacher["backbone"].stem.forward.__func__ is nn.Sequential.forward  # restored after the step
+    # a frozen block with a drop-path (stochastic in the student) is not shared, nor anything after it
+    m2 = make(weight=1.0)
+    m2.backbone.stem.append(DropPath(0.0))
+    m2.teacher["backbone"].stem.append(DropPath(0.0))
+    m2.backbone.requires_grad_(False)
+    assert m2._shared_prefix() == ([], [])
+    # after_step copies frozen weights (no EMA rounding drift) and averages the trained ones
+    with torch.no_grad():
+        m.teacher["backbone"].stem[0].weight.add_(1.0)
+    m.after_step()
+    assert torch.equal(m.teacher["backbone"].stem[0].weight, m.backbone.stem[0].weight)
+
+
 def test_teacher_only_when_used_excluded_from_head_params_and_saved():
     base = make()
     assert base.teacher is None and not any(k.startswith("teacher.") for k in base.state_dict())

@@ -92,6 +92,44 @@ def test_two_process_gloo(tmp_path):
     assert json.loads(lines[-1])["img_s"] > 0
 
 
+def _train_worker(rank: int, world: int, port: int, voc: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_fakes import make_cfg as mk
+    from wsss.engine.trainer import train
+
+    cfg = mk(Path(voc), epochs=2, batch_size=4, freeze_bn=True, method={"dropout": 0.0})
+    train(cfg, out, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_processes_train_the_same_weights_as_one(tmp_path):
+    """`train.batch_size` is the global batch and augmentation is seeded per sample: with frozen BatchNorm
+    (train.freeze_bn) and no dropout, 2 gloo processes end with the weights 1 process ends with."""
+    voc = make_voc(tmp_path / "voc")
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"run{world}"
+        mp.spawn(_train_worker, args=(world, _free_port(), str(voc), str(out)), nprocs=world, join=True)
+        runs[world] = load_checkpoint(out / "last.pt")["model"]
+    one, two = runs[1], runs[2]
+    assert one.keys() == two.keys()
+    trained = [k for k in one if one[k].is_floating_point()]
+    for k in trained:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    init = _initial_fake_weights()
+    assert any(not torch.allclose(one[k], init[k]) for k in init), "training changed nothing"
+
+
+def _initial_fake_weights() -> dict:
+    from engine_fakes import FakeConfig, FakeMethod
+
+    return FakeMethod(FakeConfig(), None, 3).state_dict()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_cli_real_method(tmp_path):

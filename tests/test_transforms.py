@@ -115,6 +115,30 @@ def test_transformed_dataset_and_loader(voc_root):
     assert batch["mask"].dtype == torch.int64 and batch["id"] == ["2007_000000", "2007_000001"]
 
 
+def test_per_sample_seeds_make_augmentation_independent_of_the_caller(voc_root):
+    """With a seed, sample i of epoch e is augmented alike whichever process, worker or order draws it (what
+    makes N-process training see the images 1 process sees), differs between epochs, and leaves the
+    caller's RNG alone."""
+    cfg = DataConfig(crop_size=24, scale_range=[0.5, 1.5], color_jitter=0.3)
+    ds = TransformedDataset(open_dataset(voc_root, "train"), TrainTransform(cfg), seed=7)
+    torch.manual_seed(0)
+    a = [ds[i]["image"] for i in (0, 1)]
+    state = torch.get_rng_state()
+    torch.manual_seed(99)
+    b = [ds[i]["image"] for i in (1, 0)][::-1]  # another RNG state, another order
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    torch.manual_seed(0)
+    ds[0]
+    assert torch.equal(torch.get_rng_state(), state)  # untouched by the per-sample seed
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["image"], a[0])
+    unseeded = TransformedDataset(open_dataset(voc_root, "train"), TrainTransform(cfg))
+    torch.manual_seed(0)
+    c = unseeded[0]["image"]
+    torch.manual_seed(1)
+    assert not torch.equal(unseeded[0]["image"], c)  # without a seed: the ambient RNG
+
+
 def test_transformed_dataset_skip_bad(tmp_path, caplog):
     root = make_voc_dataset(tmp_path, n=4, splits={"train": ["2007_000000", "2007_000001", "2007_000002"]})
     (root / "JPEGImages" / "2007_000001.jpg").write_text("not a jpeg")

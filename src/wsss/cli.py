@@ -248,12 +248,13 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Path, typer.Option(help="Folder for the masks.")],
     overlay: Annotated[bool, typer.Option(help="Also write <name>_overlay.jpg.")] = False,
+    crf: Annotated[bool, typer.Option(help="Refine with a dense CRF over the predicted classes.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Masks for new images (no tags needed), from a stage-2 or stage-1 run (resumable)."""
     from wsss.segment.predict import predict as run_predict
 
-    summary = run_predict(run, images, out, overlay=overlay, device=device)
+    summary = run_predict(run, images, out, overlay=overlay, crf=crf, device=device)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 

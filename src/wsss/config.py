@@ -71,6 +71,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear lr warm-up
     freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
     trainable_blocks: int = -1  # after the freeze: train only the last N backbone blocks (-1: all)
+    freeze_bn: bool = False  # backbone BatchNorm in eval mode throughout (pretrained statistics, as IRN's
+    #                          FixedBatchNorm): batch statistics of 8-16 images are noise, and the step no
+    #                          longer depends on how the global batch is split over processes
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     channels_last: bool = False
     compile: bool = False

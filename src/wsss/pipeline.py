@@ -78,8 +78,13 @@ def run_demo(
         result = predict_dataset(seg_dir, data_root, cfg.data.val_split, out / "predict" / "val")
         summary["segment_val_miou"] = result["miou"]
         done(t)
+        if crf:
+            t = step("segment_crf", "6. stage-2 predictions refined by a dense CRF over the predicted classes")
+            result = predict_dataset(seg_dir, data_root, cfg.data.val_split, out / "predict" / "val_crf", crf=True)
+            summary["segment_val_crf_miou"] = result["miou"]
+            done(t)
 
-    t = step("report", "6. report")
+    t = step("report", f"{7 if crf and segment else 6}. report")
     from wsss.report.html import write_report
 
     summary["report"] = str(write_report(run_dir, demo_dir=out))

@@ -2,8 +2,9 @@
 {"image": float32 [3, H, W] normalised, "label": float32 [C] multi-hot over the foreground classes,
  "mask": int64 [H, W] class ids (all 255 when the sample has no mask), "id": str}.
 
-Randomness comes from torch's RNG, which DataLoader seeds per worker, so runs are reproducible under
-`torch.manual_seed` without extra plumbing.
+Randomness comes from torch's RNG. `TransformedDataset(seed=...)` seeds it per sample from (seed, epoch,
+index), so a sample's augmentation does not depend on which process or loader worker draws it: a run
+under torchrun with N processes sees the very images one process sees (see the trainer).
 """
 
 from __future__ import annotations
@@ -155,18 +156,32 @@ class TransformedDataset(torch.utils.data.Dataset):
     main process, which lists them in the run log (`wsss.engine.trainer`).
     """
 
-    def __init__(self, dataset: SegmentationDataset, transform: Callable, skip_bad: bool = False):
+    def __init__(self, dataset: SegmentationDataset, transform: Callable, skip_bad: bool = False,
+                 seed: int | None = None):
         self.dataset = dataset
         self.transform = transform
         self.skip_bad = skip_bad
+        self.seed = seed  # None: the ambient torch RNG; else per-sample seeds from (seed, epoch, index)
+        self.epoch = 0
         self.skipped: list[str] = []
         self._bad: dict[int, str] = {}  # index -> its error message
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the per-sample seeds (set before the epoch's loader iterator is made)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _load(self, index: int) -> dict:
         sample = checked_sample(self.dataset, index)
+        if self.seed is None:
+            return self._transform(sample)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG (dropout with num_workers=0) is untouched
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
+            return self._transform(sample)
+
+    def _transform(self, sample: RawSample) -> dict:
         if isinstance(self.transform, _Base):
             return self.transform(sample, self.dataset.num_classes)
         out = self.transform(sample)

@@ -172,6 +172,16 @@ def class_probabilities(method, image: torch.Tensor, tags: list[int] | None, inf
     return full
 
 
+def predicted_classes(keep: list[int], probs: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """`seed_probs` output cut to the background + the classes that win at least one pixel: what a
+    segmentation net (no tags) predicts is there, and the CRF runs over those classes only."""
+    won = torch.zeros(len(keep), dtype=torch.bool, device=probs.device)
+    won[probs.argmax(0).unique()] = True
+    won[0] = True
+    idx = won.nonzero().flatten()
+    return [keep[i] for i in idx.tolist()], probs[idx]
+
+
 def seed_mask(keep: list[int], probs: torch.Tensor) -> np.ndarray:
     """uint8 class ids [H, W] from `seed_probs` output."""
     lut = torch.tensor(keep, dtype=torch.uint8, device=probs.device)
@@ -277,7 +287,8 @@ def _save_maps(path: Path, keep: list[int], probs: torch.Tensor) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _crf_pool(workers: int):
+def crf_pool(workers: int):
+    """A CRFPool, or a ConfigError saying how to install pydensecrf2."""
     try:
         import pydensecrf.densecrf  # noqa: F401  (fail here, not in a worker)
 
@@ -371,7 +382,7 @@ def pseudo_label(
         if not ds.has_masks:
             raise DataError(f"{data_root}: split {split!r} has no ground-truth masks to sweep thresholds on")
         crf = save_maps = False
-    pool = _crf_pool(cfg.infer.crf.workers) if crf else None
+    pool = crf_pool(cfg.infer.crf.workers) if crf else None
 
     done: set[int] = set()
     if sweep is None:
@@ -429,6 +440,8 @@ def pseudo_label(
                 if pool is None:
                     finish(item["id"], seed_mask(keep, probs), gt)
                 else:
+                    if not method.uses_tags:  # stage 2: the CRF over the classes it predicts
+                        keep, probs = predicted_classes(keep, probs)
                     pending[item["id"]] = (keep, gt)
                     yield item["id"], item["rgb"], probs.cpu().numpy()
 

@@ -267,7 +267,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     trainable = head + bb_live
 
     # Data: the sampler's order depends on (seed, epoch) only; the generator seeds the workers.
-    dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad)
+    # Per-sample augmentation seeds + DistributedSampler's (seed, epoch) order: the global batch of a
+    # step is the same images, augmented alike, whatever the number of processes or loader workers.
+    dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad, seed=t.seed)
     per_batch = max(1, t.batch_size // info.world_size)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                   shuffle=True, seed=t.seed)
@@ -318,8 +320,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                 model = torch.compile(model)
             phase = frozen
         method.train()
-        _freeze_bn(list(method.backbone_blocks()) if frozen else dead_blocks)
+        _freeze_bn(list(method.backbone_blocks()) if frozen or t.freeze_bn else dead_blocks)
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
 
         sums: dict[str, float] = defaultdict(float)
         skipped: dict[str, None] = {}  # data.skip_bad: this epoch's skipped samples, in order

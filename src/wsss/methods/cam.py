@@ -107,6 +107,37 @@ def regularisation_loss(
     return (kl * present).sum() / max(kl.shape[0], 1)
 
 
+def _stochastic(module: nn.Module) -> bool:
+    """Holds a DropPath (its rate is set per forward, see `drop_path_rate`) or an active dropout."""
+    return any(type(m).__name__ == "DropPath" or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+               for m in module.modules())
+
+
+@contextlib.contextmanager
+def record_outputs(modules: list[nn.Module], outputs: dict[int, object]):
+    """Store each module's forward output in `outputs[position]` while the context is open."""
+    hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: outputs.__setitem__(k, out))
+             for k, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replay_outputs(modules: list[nn.Module], outputs: dict[int, object]):
+    """Make each module return `outputs[position]` without computing anything (all of them, not only the
+    last: code between the modules, e.g. a ViT's position embedding, runs on the real tensors)."""
+    for k, m in enumerate(modules):
+        m.forward = lambda *a, k=k, **kw: outputs[k]
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward  # the class's forward again
+
+
 @contextlib.contextmanager
 def drop_path_rate(module: nn.Module, rate: float):
     """Temporarily set every DropPath (timm stochastic depth) inside `module` to `rate`; yields how many."""
@@ -165,15 +196,38 @@ class CAMMethod(Method):
         # One student forward serves both terms: with REG on, L_GEN is computed on the strongly adjusted
         # student, as in USAGE (the student is the network being trained).
         drop = reg_cfg.student_drop if self.teacher is not None else self.cfg.drop
-        maps = self._maps(self, images, drop)
-        gen, _ = generation_loss(maps, labels, self.cfg.tau)
         if self.teacher is None:
-            reg = gen.new_zeros(())
-        else:
-            with torch.no_grad():
-                t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
-            reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
+            maps = self._maps(self, images, drop)
+            gen, _ = generation_loss(maps, labels, self.cfg.tau)
+            return {"loss": gen, "gen": gen, "reg": gen.new_zeros(())}
+        # The teacher runs in the student's per-module modes: a BatchNorm the trainer froze (frozen
+        # blocks, train.freeze_bn) is frozen in the teacher too, instead of normalising by the batch.
+        for t_mod, s_mod in zip(self.teacher["backbone"].modules(), self.backbone.modules(), strict=True):
+            t_mod.training = s_mod.training
+        student_mods, teacher_mods = self._shared_prefix()
+        outputs: dict[int, object] = {}
+        with record_outputs(student_mods, outputs):
+            maps = self._maps(self, images, drop)
+        gen, _ = generation_loss(maps, labels, self.cfg.tau)
+        with torch.no_grad(), replay_outputs(teacher_mods, outputs):
+            t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
+        reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
         return {"loss": gen + reg_cfg.weight * reg, "gen": gen, "reg": reg}
+
+    def _shared_prefix(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The modules (student's, teacher's) of the leading backbone blocks whose output the teacher takes
+        from the student's forward instead of computing it: blocks that do not train (frozen by the trainer:
+        `train.trainable_blocks`, the frozen warm-up; their teacher weights are copies, see `after_step`)
+        and hold no dropout or drop-path, so both networks compute the same thing there."""
+        from wsss.models.backbones import called_modules
+
+        student, teacher = [], []
+        for s_blk, t_blk in zip(self.backbone.blocks(), self.teacher["backbone"].blocks(), strict=True):
+            if any(p.requires_grad for p in s_blk.parameters()) or _stochastic(s_blk):
+                break
+            student += called_modules(s_blk)
+            teacher += called_modules(t_blk)
+        return student, teacher
 
     def activation_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Raw A [B, C, h, w] without dropout (the teacher's when `reg.teacher_maps`)."""
@@ -199,14 +253,18 @@ class CAMMethod(Method):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """teacher = ema * teacher + (1 - ema) * student; buffers (BatchNorm statistics) copied."""
+        """teacher = ema * teacher + (1 - ema) * student; buffers (BatchNorm statistics) copied, and so are
+        the weights that do not train (the EMA of a constant, without its rounding drift)."""
         if self.teacher is None:
             return
         d = self.cfg.reg.ema
         for name in ("backbone", "classifier"):
             student, teacher = getattr(self, name), self.teacher[name]
             for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-                t.mul_(d).add_(s.detach(), alpha=1.0 - d)
+                if s.requires_grad:
+                    t.mul_(d).add_(s.detach(), alpha=1.0 - d)
+                else:
+                    t.copy_(s)
             for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
                 t.copy_(s)
 

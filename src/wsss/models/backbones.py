@@ -88,9 +88,14 @@ class ViTBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         # The embedding group owns patch_embed plus the loose tokens / position embedding; the last group
         # owns the final block plus the final norm, so "train the last N blocks" includes the norm.
+        # A hybrid's CNN stem (HybridEmbed.backbone) is a block of its own, before the embedding group:
+        # "train the last N blocks" can then freeze the pretrained stem alone.
         m = self.model
         vit_blocks = list(m.blocks)
-        first, last = _Group(patch_embed=m.patch_embed), _Group(block=vit_blocks[-1])
+        stem = getattr(m.patch_embed, "backbone", None)
+        stem = stem if isinstance(stem, nn.Module) and any(True for _ in stem.parameters()) else None
+        embed = {k: v for k, v in m.patch_embed.named_children() if v is not stem} if stem else {"patch_embed": m.patch_embed}
+        first, last = _Group(**embed), _Group(block=vit_blocks[-1])
         grouped = {id(p) for b in [m.patch_embed, *vit_blocks] for p in b.parameters()}
         for name, p in m.named_parameters(recurse=False):
             first.register_parameter(name, p)
@@ -100,7 +105,7 @@ class ViTBackbone(Backbone):
             (last if name in ("norm", "fc_norm", "head", "attn_pool", "head_drop") else first).add_module(
                 name, child
             )
-        return [first, *vit_blocks[:-1], last]
+        return [*([stem] if stem else []), first, *vit_blocks[:-1], last]
 
 
 class _Group(nn.Module):
@@ -110,6 +115,12 @@ class _Group(nn.Module):
         super().__init__()
         for k, v in modules.items():
             self.add_module(k, v)
+
+
+def called_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules a forward pass calls for one entry of `Backbone.blocks()`: the block itself, or the
+    members of a `_Group` view (which is never called as a whole)."""
+    return list(block.children()) if isinstance(block, _Group) else [block]
 
 
 # ------------------------------------------------------------------------------------- weights loading

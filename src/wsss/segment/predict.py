@@ -63,16 +63,27 @@ def predict(
     images: list[str | Path],
     out_dir: str | Path,
     overlay: bool = False,
+    crf: bool = False,
     device: str = "auto",
     strict: bool = True,
     progress: bool = True,
 ) -> dict:
     """Write a mask (and with `overlay`, `<name>_overlay.jpg`) for every image; see the module doc.
-    Returns {"num_images", "computed", "skipped", "failed": [{"path", "error"}], "out_dir", "seconds"}."""
+    `crf`: refined by a dense CRF over the background + the predicted classes (`cfg.infer.crf`, in worker
+    processes). Returns {"num_images", "computed", "skipped", "failed": [{"path", "error"}], "out_dir",
+    "seconds"}."""
     import torch
 
     from wsss.data.base import RawSample
-    from wsss.engine.inference import class_probabilities, eval_transform, load_run, resolve_device
+    from wsss.engine.inference import (
+        crf_pool,
+        eval_transform,
+        load_run,
+        predicted_classes,
+        resolve_device,
+        seed_mask,
+        seed_probs,
+    )
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -80,32 +91,52 @@ def predict(
     cfg, method, class_names = load_run(run_dir, device=resolve_device(device))
     transform = eval_transform(cfg)  # the same input as pseudo-labelling: short side to infer.size
     computed, skipped, failed = 0, 0, []
-    if progress:
-        from tqdm.auto import tqdm
+    pending: dict[Path, tuple[Image.Image, list[int]]] = {}  # CRF in flight: name -> (image, kept classes)
 
-        todo_iter = tqdm(todo, desc="predict", dynamic_ncols=True, leave=False)
-    else:
-        todo_iter = todo
-    for path, name in todo_iter:
-        mask_path = out_dir / f"{name}.png"
-        over_path = out_dir / f"{name}_overlay.jpg"
-        if mask_path.is_file() and (not overlay or over_path.is_file()):
-            skipped += 1
-            continue
-        try:
-            image = read_image(path)
-        except DataError as e:
-            print(f"warning: skipped {e}", file=sys.stderr)
-            failed.append({"path": str(path), "error": str(e)})
-            continue
-        with torch.inference_mode():
-            x = transform(RawSample(str(name), image, [], None), len(class_names))["image"]
-            probs = class_probabilities(method, x, None, cfg.infer, (image.height, image.width))
-            mask = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    def finish(name: Path, image: Image.Image, mask: np.ndarray) -> None:
+        nonlocal computed
         if overlay:  # before the mask: an existing mask PNG means the image is complete
-            write_overlay(over_path, image, mask)
-        write_mask(mask_path, mask)
+            write_overlay(out_dir / f"{name}_overlay.jpg", image, mask)
+        write_mask(out_dir / f"{name}.png", mask)
         computed += 1
+
+    def work():
+        """Computes every image's classes; finishes it, or yields its CRF job (name, rgb, probs)."""
+        nonlocal skipped
+        todo_iter = todo
+        if progress:
+            from tqdm.auto import tqdm
+
+            todo_iter = tqdm(todo, desc="predict", dynamic_ncols=True, leave=False)
+        for path, name in todo_iter:
+            if (out_dir / f"{name}.png").is_file() and (not overlay or (out_dir / f"{name}_overlay.jpg").is_file()):
+                skipped += 1
+                continue
+            try:
+                image = read_image(path)
+            except DataError as e:
+                print(f"warning: skipped {e}", file=sys.stderr)
+                failed.append({"path": str(path), "error": str(e)})
+                continue
+            with torch.inference_mode():
+                x = transform(RawSample(str(name), image, [], None), len(class_names))["image"]
+                keep, probs = seed_probs(method, x, None, cfg.infer, (image.height, image.width))
+                if not method.uses_tags:  # a segmentation net: its predicted classes (stage 1: predicted tags)
+                    keep, probs = predicted_classes(keep, probs)
+            if not crf:
+                finish(name, image, seed_mask(keep, probs))
+                continue
+            pending[name] = (image, keep)
+            yield name, np.array(image, dtype=np.uint8), probs.cpu().numpy()
+
+    if not crf:
+        for _ in work():
+            pass
+    else:
+        with crf_pool(cfg.infer.crf.workers) as pool:
+            for name, idx in pool.map(work(), cfg.infer.crf):
+                image, keep = pending.pop(name)
+                finish(name, image, np.asarray(keep, dtype=np.uint8)[np.asarray(idx)])
     summary = {
         "num_images": len(todo),
         "computed": computed,
@@ -122,16 +153,17 @@ def predict(
 
 
 def predict_dataset(
-    run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path, device: str = "auto",
-    progress: bool = True,
+    run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path, crf: bool = False,
+    device: str = "auto", progress: bool = True,
 ) -> dict:
     """Predict every image of a dataset split without its tags (stage 2: plain argmax; stage 1: predicted
     tags), write `<out>/<id>.png`, and when the split has masks evaluate them: returns {"miou",
     "per_class", "pixel_accuracy", ...} and writes out_dir/summary.json (the `wsss evaluate` shape).
-    Resumable. It is `pseudo_label` with predicted tags and no CRF, which is exactly this."""
+    Resumable. It is `pseudo_label` with predicted tags (and the CRF over the predicted classes), which is
+    exactly this."""
     from wsss.engine.inference import pseudo_label
 
-    result = pseudo_label(run_dir, data_root, split, out_dir, crf=False, predicted_tags=True, device=device,
+    result = pseudo_label(run_dir, data_root, split, out_dir, crf=crf, predicted_tags=True, device=device,
                           progress=progress)
     result.setdefault("miou", None)
     return result
