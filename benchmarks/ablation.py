@@ -13,6 +13,7 @@ split by a sweep and are reported on val, as the literature does.
     python benchmarks/ablation.py tau --data-seed 0 --only "CNN: tau=4"   # one row (appended to rows.jsonl)
     python benchmarks/ablation.py tau --data-seed 0 --table-only --write  # the table of every row run
     python benchmarks/ablation.py tkp --only "top-K, K=10%" --train-seed 1   # the same row, another run
+    python benchmarks/ablation.py tkp --only "top-K, K=10%" --nproc 2   # trained under torchrun, 2 processes
 
 A run on 400 images for 150 steps varies a lot with the training seed (weights of the new layers, data
 order, augmentation): the table shows every training seed run and their mean, so compare means over the
@@ -26,6 +27,8 @@ import json
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,17 +73,22 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 
 
 def run_row(
-    name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0
+    name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0,
+    nproc: int = 1,
 ) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_") + (f"_s{train_seed}" if train_seed else "")
     run_dir = work / slug
     shutil.rmtree(run_dir, ignore_errors=True)
     # no in-training val: the rows are scored below (CAM with the threshold chosen on train)
-    cfg = load_config(
-        preset, [f"data.root={data_root}", "train.val_every=0", f"train.seed={train_seed}", *overrides, *extra]
-    )
+    options = [f"data.root={data_root}", "train.val_every=0", f"train.seed={train_seed}", *overrides, *extra]
+    cfg = load_config(preset, options)
     t0 = time.perf_counter()
-    train(cfg, run_dir, progress=False)
+    if nproc > 1:  # the same training under torchrun (gloo on CPU), as a user would launch it
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "wsss", "train", preset, "--out", str(run_dir), *[a for o in options for a in ("-o", o)]]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    else:
+        train(cfg, run_dir, progress=False)
     train_s = time.perf_counter() - t0
     row = {"name": name, "preset": preset, "overrides": " ".join(overrides), "train_seed": train_seed,
            "train_s": round(train_s, 1)}
@@ -140,6 +148,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--only", default="", help="run only rows whose name contains this ('a|b': either)")
     parser.add_argument("--train-seed", type=int, default=0, help="train.seed of the runs (rows keep one run per seed)")
+    parser.add_argument("--nproc", type=int, default=1, help="train under torchrun with this many processes")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table from the rows run so far")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra key=value for every row")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -155,7 +164,9 @@ def main() -> None:
         for name, preset, overrides in SUITES[args.suite]:
             if args.only and not any(part in name for part in args.only.split("|")):
                 continue
-            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed)
+            if args.nproc > 1:
+                name = f"{name} [torchrun x{args.nproc}]"
+            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed, args.nproc)
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -164,7 +175,8 @@ def main() -> None:
         for line in rows_file.read_text().splitlines():
             row = json.loads(line)
             done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row  # the latest run of a seed wins
-    rows = [[done[name][k] for k in sorted(done[name])] for name, _, _ in SUITES[args.suite] if name in done]
+    names = [n for name, _, _ in SUITES[args.suite] for n in (name, *(m for m in done if m.startswith(f"{name} [")))]
+    rows = [[done[name][k] for k in sorted(done[name])] for name in names if name in done]
     command = "python benchmarks/ablation.py " + " ".join(
         [args.suite, f"--data-seed {args.data_seed}"] + [f"-o {o}" for o in args.override]
     )

@@ -11,7 +11,7 @@ import torch
 
 from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
 from wsss.config import InferConfig, load_config, save_config
-from wsss.engine.inference import class_probabilities, pseudo_label, resolve_device
+from wsss.engine.inference import class_probabilities, predicted_classes, pseudo_label, resolve_device
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import read_mask
@@ -105,6 +105,14 @@ def test_predicted_tags():
     m.image_scores = lambda x: torch.tensor([[0.2, 0.9, 0.6]]).expand(x.shape[0], 3)
     p = class_probabilities(m, _image(), None, InferConfig(flip=True), (40, 52))
     assert torch.all(p[1] == 0) and p[2].max() > 0 and p[3].max() > 0
+
+
+def test_predicted_classes_are_the_ones_that_win_a_pixel():
+    probs = torch.tensor([[[0.6, 0.1]], [[0.3, 0.2]], [[0.1, 0.7]]])  # 3 kept classes over a 1x2 image
+    keep, p = predicted_classes([0, 4, 9], probs)
+    assert keep == [0, 9] and torch.equal(p, probs[[0, 2]])  # class 4 wins nowhere; background always kept
+    keep, p = predicted_classes([0, 4, 9], probs[[1, 0, 2]])
+    assert keep == [0, 4, 9]
 
 
 def test_resolve_device():

@@ -126,6 +126,13 @@ def test_train_segmenter_predict_end_to_end(seg_data, tmp_path):
     with pytest.raises(DataError, match="no such image"):
         predict(run, [tmp_path / "nope.jpg"], out, device="cpu", progress=False)
 
+    # with the CRF over the predicted classes: only classes the plain prediction has, in worker processes
+    crf_out = tmp_path / "pred_crf"
+    s = predict(run, [single], crf_out, crf=True, device="cpu", progress=False)
+    assert s["computed"] == 1
+    plain, refined = read_mask(out / "img2.png"), read_mask(crf_out / "img2.png")
+    assert refined.shape == plain.shape and set(np.unique(refined)) <= set(np.unique(plain)) | {0}
+
     # a dataset split, without tags, evaluated (written inside the run: the report finds it)
     res = predict_dataset(run, root, "val", run / "pred_val", device="cpu", progress=False)
     assert 0.0 <= res["miou"] <= 1.0 and set(res["per_class"]) == set(CLASSES)
