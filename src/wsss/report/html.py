@@ -8,7 +8,7 @@ itself, so it can be mailed or archived as it is. Every text from files is escap
 Outputs (folders of `<id>.png` masks with a `summary.json` from `wsss pseudo-label` / `predict_dataset`)
 are discovered by one rule:
 - with `demo_dir` (the `wsss demo` layout): DEMO/pseudo/val "pseudo", DEMO/pseudo/val_crf "pseudo + CRF",
-  DEMO/predict/val "stage 2", each when present; the data is DEMO/data. When not given, `demo_dir` is
+  DEMO/predict/val "stage 2", DEMO/predict/val_crf "stage 2 + CRF", each when present; the data is DEMO/data. When not given, `demo_dir` is
   RUN's parent if that is a demo folder (it holds data/.wsss_demo.json), so `wsss report wsss-demo/run`
   shows what `wsss demo` showed;
 - always: every folder under RUN (3 levels deep at most) holding a summary.json with a `per_class` entry,
@@ -33,7 +33,8 @@ from wsss.io import atomic_write_text, read_mask
 
 GALLERY_ROWS = 8
 THUMB = 224  # longest side of a gallery cell, px
-DEMO_OUTPUTS = (("pseudo", "pseudo/val"), ("pseudo + CRF", "pseudo/val_crf"), ("stage 2", "predict/val"))
+DEMO_OUTPUTS = (("pseudo", "pseudo/val"), ("pseudo + CRF", "pseudo/val_crf"), ("stage 2", "predict/val"),
+                ("stage 2 + CRF", "predict/val_crf"))
 LOG_NON_LOSS = {"epoch", "lr", "step", "seconds", "img_s", "miou", "val_seconds"}
 
 CSS = """
@@ -43,7 +44,7 @@ h1{font-size:26px}h2{font-size:20px;margin-top:32px;border-bottom:1px solid #ddd
 pre{background:#f5f5f7;padding:12px;overflow:auto;font-size:12px;max-height:420px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f5f5f7}td.l,th.l{text-align:left}.gallery td{padding:2px;text-align:center;vertical-align:top}
-.gallery th{text-align:center}.gallery img{display:block;max-width:224px}.muted{color:#888}img.plot{max-width:100%}
+.gallery{width:100%;table-layout:fixed}.gallery th{text-align:center}.gallery img{display:block;width:100%;max-width:224px;height:auto}.muted{color:#888}img.plot{max-width:100%}
 """
 
 
