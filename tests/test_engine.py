@@ -201,3 +201,16 @@ def test_usage_end_to_end_sweep(voc, tmp_path):
     assert any(k.startswith("teacher.") for k in state)
     res = pseudo_label(tmp_path / "run", voc, "val", tmp_path / "sweep", sweep_thresholds=[0.2, 0.4], progress=False)
     assert set(res["sweep"]) == {0.2, 0.4}
+
+
+def test_freeze_bn_keeps_the_backbone_statistics(voc, tmp_path):
+    """train.freeze_bn: backbone BatchNorm in eval mode throughout (its running statistics never move),
+    while the weights still train; without it the statistics follow the batches."""
+    init = FakeMethod(FakeConfig(), None, 3).state_dict()
+    key = "backbone.b0.1.running_mean"
+    for freeze, moved in ((True, False), (False, True)):
+        out = tmp_path / f"run_{freeze}"
+        train(make_cfg(voc, epochs=1, freeze_bn=freeze), out, progress=False)
+        state = load_checkpoint(out / "last.pt")["model"]
+        assert (not torch.equal(state[key], init[key])) is moved
+        assert not torch.equal(state["backbone.b0.0.weight"], init["backbone.b0.0.weight"])
