@@ -35,24 +35,24 @@ def run_demo(
     timings: dict[str, float] = {}
     summary: dict = {"preset": preset, "out": str(out)}
 
-    def step(name: str, message: str):
-        console.rule(f"[bold]{message}")
+    def step(name: str, message: str):  # numbered in the order they run (CRF / stage 2 are optional)
+        console.rule(f"[bold]{len(timings) + 1}. {message}")
         return name, time.perf_counter()
 
     def done(token) -> None:
         name, t0 = token
         timings[name] = round(time.perf_counter() - t0, 1)
 
-    t = step("data", f"1. embedded benchmark -> {data_root}")
+    t = step("data", f"embedded benchmark -> {data_root}")
     ensure_demo(data_root)
     done(t)
 
-    t = step("train", f"2. train {preset} -> {run_dir}")
+    t = step("train", f"train {preset} -> {run_dir}")
     cfg = load_config(preset, [f"data.root={data_root}", *overrides])
     train(cfg, run_dir, resume=(run_dir / "last.pt").is_file())
     done(t)
 
-    t = step("pseudo_label", "3. pseudo masks on val (ground-truth tags), evaluated")
+    t = step("pseudo_label", "pseudo masks on val (ground-truth tags), evaluated")
     result = pseudo_label(run_dir, data_root, cfg.data.val_split, out / "pseudo" / "val")
     summary["pseudo_val_miou"] = result["miou"]
     class_names = json.loads((run_dir / "classes.json").read_text())
@@ -60,7 +60,7 @@ def run_demo(
     done(t)
 
     if crf:
-        t = step("crf", "4. the same with a dense CRF over the present classes")
+        t = step("crf", "the same with a dense CRF over the present classes")
         result = pseudo_label(run_dir, data_root, cfg.data.val_split, out / "pseudo" / "val_crf", crf=True)
         summary["pseudo_val_crf_miou"] = result["miou"]
         done(t)
@@ -69,7 +69,7 @@ def run_demo(
         from wsss.segment.predict import predict_dataset
         from wsss.segment.train import train_segmenter
 
-        t = step("segment", "5. stage 2: a segmentation network trained on the train pseudo masks")
+        t = step("segment", "stage 2: a segmentation network trained on the train pseudo masks")
         pseudo_train = out / "pseudo" / "train_crf" if crf else out / "pseudo" / "train"
         pseudo_label(run_dir, data_root, cfg.data.train_split, pseudo_train, crf=crf)
         seg_cfg = load_config("demo/segment", [f"data.root={data_root}", *overrides])
@@ -79,12 +79,12 @@ def run_demo(
         summary["segment_val_miou"] = result["miou"]
         done(t)
         if crf:
-            t = step("segment_crf", "6. stage-2 predictions refined by a dense CRF over the predicted classes")
+            t = step("segment_crf", "stage-2 predictions refined by a dense CRF over the predicted classes")
             result = predict_dataset(seg_dir, data_root, cfg.data.val_split, out / "predict" / "val_crf", crf=True)
             summary["segment_val_crf_miou"] = result["miou"]
             done(t)
 
-    t = step("report", f"{7 if crf and segment else 6}. report")
+    t = step("report", "report")
     from wsss.report.html import write_report
 
     summary["report"] = str(write_report(run_dir, demo_dir=out))

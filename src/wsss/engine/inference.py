@@ -182,6 +182,12 @@ def predicted_classes(keep: list[int], probs: torch.Tensor) -> tuple[list[int], 
     return [keep[i] for i in idx.tolist()], probs[idx]
 
 
+def crf_channels(method, keep: list[int], probs: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The channels a CRF refines: the kept ones (background + tags) for a seed method; a segmentation
+    net's predicted classes (`predicted_classes`), as it keeps every class."""
+    return (keep, probs) if method.uses_tags else predicted_classes(keep, probs)
+
+
 def seed_mask(keep: list[int], probs: torch.Tensor) -> np.ndarray:
     """uint8 class ids [H, W] from `seed_probs` output."""
     lut = torch.tensor(keep, dtype=torch.uint8, device=probs.device)
@@ -440,8 +446,7 @@ def pseudo_label(
                 if pool is None:
                     finish(item["id"], seed_mask(keep, probs), gt)
                 else:
-                    if not method.uses_tags:  # stage 2: the CRF over the classes it predicts
-                        keep, probs = predicted_classes(keep, probs)
+                    keep, probs = crf_channels(method, keep, probs)
                     pending[item["id"]] = (keep, gt)
                     yield item["id"], item["rgb"], probs.cpu().numpy()
 

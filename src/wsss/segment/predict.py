@@ -76,10 +76,10 @@ def predict(
 
     from wsss.data.base import RawSample
     from wsss.engine.inference import (
+        crf_channels,
         crf_pool,
         eval_transform,
         load_run,
-        predicted_classes,
         resolve_device,
         seed_mask,
         seed_probs,
@@ -121,11 +121,10 @@ def predict(
             with torch.inference_mode():
                 x = transform(RawSample(str(name), image, [], None), len(class_names))["image"]
                 keep, probs = seed_probs(method, x, None, cfg.infer, (image.height, image.width))
-                if not method.uses_tags:  # a segmentation net: its predicted classes (stage 1: predicted tags)
-                    keep, probs = predicted_classes(keep, probs)
             if not crf:
                 finish(name, image, seed_mask(keep, probs))
                 continue
+            keep, probs = crf_channels(method, keep, probs)
             pending[name] = (image, keep)
             yield name, np.array(image, dtype=np.uint8), probs.cpu().numpy()
 
