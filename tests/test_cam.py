@@ -277,3 +277,20 @@ def test_drop_path_reaches_the_offline_hybrid_vit():
         assert n > 0 and all(x.drop_prob == 0.5 for x in m.backbone.modules() if isinstance(x, DropPath))
     out = m.train().forward_losses(torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 0], [0, 1, 1]]), 0)
     assert torch.isfinite(out["loss"]) and out["reg"] >= 0
+
+
+def test_bf16_teacher_runs_in_bf16_and_keeps_l_reg():
+    """reg.teacher_amp=bf16: the teacher's convolutions run in bf16 (the student's stay fp32) and L_REG
+    stays within bf16's precision of the fp32 teacher's."""
+    m = make(weight=1.0, ema=0.9, student_drop=0.0, teacher_drop=0.0).train()
+    x, y = batch()
+    ref = m.forward_losses(x, y, 0)["reg"]
+    m.cfg.reg.teacher_amp = "bf16"
+    dtypes = {}
+    for name, net in (("student", m.backbone), ("teacher", m.teacher["backbone"])):
+        net.stem[0].register_forward_hook(lambda _m, _a, out, name=name: dtypes.__setitem__(name, out.dtype))
+    reg = m.forward_losses(x, y, 0)["reg"]
+    assert dtypes == {"student": torch.float32, "teacher": torch.bfloat16}
+    assert reg.dtype == torch.float32 and torch.allclose(reg, ref, rtol=0.05, atol=1e-3)
+    with pytest.raises(ConfigError, match="teacher_amp"):
+        make(weight=1.0, teacher_amp="fp8")

@@ -240,7 +240,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return float(value.replace(".", ""))
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off / on (train.amp: off) as a boolean
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         if value is None:
             return ""
