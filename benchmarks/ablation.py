@@ -14,6 +14,7 @@ split by a sweep and are reported on val, as the literature does.
     python benchmarks/ablation.py tau --data-seed 0 --table-only --write  # the table of every row run
     python benchmarks/ablation.py tkp --only "top-K, K=10%" --train-seed 1   # the same row, another run
     python benchmarks/ablation.py tkp --only "top-K, K=10%" --nproc 2   # trained under torchrun, 2 processes
+    python benchmarks/ablation.py usage --only "CNN" --rescore   # the runs again, at the presets' test scales now
 
 A run on 400 images for 150 steps varies a lot with the training seed (weights of the new layers, data
 order, augmentation): the table shows every training seed run and their mean, so compare means over the
@@ -74,14 +75,19 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 
 def run_row(
     name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0,
-    nproc: int = 1,
+    nproc: int = 1, trained: dict | None = None,
 ) -> dict:
+    """Train the row's run and score it. `trained`: the row of an earlier run of it, whose training is
+    kept: only the scoring is redone, at the preset's current inference settings (`--rescore`)."""
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_") + (f"_s{train_seed}" if train_seed else "")
     run_dir = work / slug
-    shutil.rmtree(run_dir, ignore_errors=True)
     # no in-training val: the rows are scored below (CAM with the threshold chosen on train)
     options = [f"data.root={data_root}", "train.val_every=0", f"train.seed={train_seed}", *overrides, *extra]
     cfg = load_config(preset, options)
+    if trained is not None:
+        row = {k: trained[k] for k in ("name", "preset", "overrides", "train_seed", "train_s")}
+        return {**row, **score(cfg, run_dir, data_root)}
+    shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     if nproc > 1:  # the same training under torchrun (gloo on CPU), as a user would launch it
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -92,18 +98,27 @@ def run_row(
     train_s = time.perf_counter() - t0
     row = {"name": name, "preset": preset, "overrides": " ".join(overrides), "train_seed": train_seed,
            "train_s": round(train_s, 1)}
+    return {**row, **score(cfg, run_dir, data_root)}
+
+
+def score(cfg, run_dir: Path, data_root: Path) -> dict:
+    """Val pseudo-mask mIoU of a trained run at `cfg`'s test scales and flip (CAM: with the background
+    threshold chosen on train)."""
+    infer = {"scales": cfg.infer.scales, "flip": cfg.infer.flip, "progress": False}
+    row: dict = {}
     threshold = None
+    for name in ("sweep", "val"):  # a rescore must not resume from masks made at other settings
+        shutil.rmtree(run_dir / name, ignore_errors=True)
     if cfg.method.name == "cam":  # background threshold chosen on train, reported on val
-        sweep = pseudo_label(run_dir, data_root, cfg.data.train_split, run_dir / "sweep", sweep_thresholds=THRESHOLDS, progress=False)
+        sweep = pseudo_label(run_dir, data_root, cfg.data.train_split, run_dir / "sweep", sweep_thresholds=THRESHOLDS, **infer)
         threshold = sweep["best_threshold"]
         row["train_miou"] = sweep["sweep"][threshold] if threshold in sweep["sweep"] else max(sweep["sweep"].values())
     t0 = time.perf_counter()
-    result = pseudo_label(
-        run_dir, data_root, cfg.data.val_split, run_dir / "val", bg_threshold=threshold, progress=False
-    )
+    result = pseudo_label(run_dir, data_root, cfg.data.val_split, run_dir / "val", bg_threshold=threshold, **infer)
     row["label_s"] = round(time.perf_counter() - t0, 1)
     row["val_miou"] = result["miou"]
     row["bg_threshold"] = threshold
+    row["scales"] = list(cfg.infer.scales)
     return row
 
 
@@ -149,6 +164,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only rows whose name contains this ('a|b': either)")
     parser.add_argument("--train-seed", type=int, default=0, help="train.seed of the runs (rows keep one run per seed)")
     parser.add_argument("--nproc", type=int, default=1, help="train under torchrun with this many processes")
+    parser.add_argument("--rescore", action="store_true",
+                        help="keep each row's trained run, redo only its scoring at the preset's current test settings")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table from the rows run so far")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra key=value for every row")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -159,6 +176,15 @@ def main() -> None:
     # Every finished row is appended to rows.jsonl, so a suite can be run a row at a time (or on two
     # machines' worth of processes) and the table made from all of them (`--table-only`).
     rows_file = work / "rows.jsonl"
+    done: dict[str, dict[int, dict]] = {}
+
+    def read_rows() -> None:
+        if rows_file.is_file():
+            for line in rows_file.read_text().splitlines():
+                row = json.loads(line)
+                done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row  # the latest run of a seed wins
+
+    read_rows()
     if not args.table_only:
         ensure_demo(data_root, seed=args.data_seed)
         for name, preset, overrides in SUITES[args.suite]:
@@ -166,15 +192,17 @@ def main() -> None:
                 continue
             if args.nproc > 1:
                 name = f"{name} [torchrun x{args.nproc}]"
-            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed, args.nproc)
+            trained = None
+            if args.rescore:
+                trained = done.get(name, {}).get(args.train_seed)
+                if trained is None:
+                    print(f"--rescore: no earlier run of {name!r}, train seed {args.train_seed}: skipped", file=sys.stderr)
+                    continue
+            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed, args.nproc, trained)
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    done: dict[str, dict[int, dict]] = {}
-    if rows_file.is_file():
-        for line in rows_file.read_text().splitlines():
-            row = json.loads(line)
-            done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row  # the latest run of a seed wins
+    read_rows()
     names = [n for name, _, _ in SUITES[args.suite] for n in (name, *(m for m in done if m.startswith(f"{name} [")))]
     rows = [[done[name][k] for k in sorted(done[name])] for name in names if name in done]
     command = "python benchmarks/ablation.py " + " ".join(
