@@ -176,15 +176,11 @@ def main() -> None:
     # Every finished row is appended to rows.jsonl, so a suite can be run a row at a time (or on two
     # machines' worth of processes) and the table made from all of them (`--table-only`).
     rows_file = work / "rows.jsonl"
-    done: dict[str, dict[int, dict]] = {}
-
-    def read_rows() -> None:
-        if rows_file.is_file():
-            for line in rows_file.read_text().splitlines():
-                row = json.loads(line)
-                done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row  # the latest run of a seed wins
-
-    read_rows()
+    done: dict[str, dict[int, dict]] = {}  # name -> train seed -> row; the latest run of a seed wins
+    if rows_file.is_file():
+        for line in rows_file.read_text().splitlines():
+            row = json.loads(line)
+            done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row
     if not args.table_only:
         ensure_demo(data_root, seed=args.data_seed)
         for name, preset, overrides in SUITES[args.suite]:
@@ -202,7 +198,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    read_rows()
+            done.setdefault(row["name"], {})[row["train_seed"]] = row
     names = [n for name, _, _ in SUITES[args.suite] for n in (name, *(m for m in done if m.startswith(f"{name} [")))]
     rows = [[done[name][k] for k in sorted(done[name])] for name in names if name in done]
     command = "python benchmarks/ablation.py " + " ".join(

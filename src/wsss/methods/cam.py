@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -273,15 +274,16 @@ class CAMMethod(Method):
                 t.copy_(s)
 
 
-def native_bf16(device: torch.device) -> bool:
+@functools.cache  # asked every training step; the hardware does not change
+def native_bf16(device_type: str) -> bool:
     """The device computes bf16 matmuls / convolutions in hardware (else bf16 is emulated, slower than fp32)."""
-    if device.type == "cuda":
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device_type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _teacher_autocast(mode: str, images: torch.Tensor):
-    if mode == "bf16" or (mode == "auto" and native_bf16(images.device)):
+    if mode == "bf16" or (mode == "auto" and native_bf16(images.device.type)):
         return torch.autocast(images.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()  # the trainer's autocast, if any, stays in force
 
