@@ -4,7 +4,8 @@ pseudo masks with ground-truth tags (no CRF) and report mIoU and time.
 Tuning happened on the demo data (seed 0); the table is made on a benchmark built with another seed
 (`--data-seed 1`, the default), so the numbers are on data that was not used to tune.
 Methods without a background class (CAM, USAGE) get their background threshold chosen on the train
-split by a sweep and are reported on val, as the literature does.
+split by a sweep and are reported on val, as the literature does. Stage-2 rows (`segment`) train on the
+given train pseudo masks and report the predictions' (no tags) mIoU on train (what to choose by) and val.
 
     python benchmarks/ablation.py tkp            # K and PCE / ET on/off (patch classification)
     python benchmarks/ablation.py usage          # CAM vs USAGE for the CNN and the Transformer
@@ -15,6 +16,8 @@ split by a sweep and are reported on val, as the literature does.
     python benchmarks/ablation.py tkp --only "top-K, K=10%" --train-seed 1   # the same row, another run
     python benchmarks/ablation.py tkp --only "top-K, K=10%" --nproc 2   # trained under torchrun, 2 processes
     python benchmarks/ablation.py usage --only "CNN" --rescore   # the runs again, at the presets' test scales now
+    python benchmarks/ablation.py segment --data-seed 0 --pseudo wsss-demo/pseudo/train_crf   # stage 2 on a
+                                                 # stage-1 run's train pseudo masks of that data (`wsss demo`'s)
 
 A run on 400 images for 150 steps varies a lot with the training seed (weights of the new layers, data
 order, augmentation): the table shows every training seed run and their mean, so compare means over the
@@ -70,12 +73,23 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         for kind, preset in (("CNN", "demo/cam_cnn"), ("Transformer", "demo/cam_vit"))
         for tau in ("-4", "-1", "1", "4", "inf")
     ],
+    "segment": [  # stage 2; the preset is 1x backbone lr, stem frozen, 10 epochs of batch 8
+        ("backbone lr 0.1x, all blocks, 6 epochs, batch 16 (before 2026-12-02)", "demo/segment",
+         ["train.backbone_lr_mult=0.1", "train.trainable_blocks=-1", "train.epochs=6", "train.batch_size=16"]),
+        ("head lr 3e-3, backbone 0.1x, all blocks, 6 epochs, batch 16", "demo/segment",
+         ["train.lr=0.003", "train.backbone_lr_mult=0.1", "train.trainable_blocks=-1", "train.epochs=6", "train.batch_size=16"]),
+        ("backbone lr 1x, all blocks, 6 epochs, batch 16", "demo/segment",
+         ["train.trainable_blocks=-1", "train.epochs=6", "train.batch_size=16"]),
+        ("backbone lr 1x, stem frozen, 6 epochs, batch 16", "demo/segment", ["train.epochs=6", "train.batch_size=16"]),
+        ("backbone lr 1x, stem frozen, 10 epochs, batch 16", "demo/segment", ["train.batch_size=16"]),
+        ("demo/segment: backbone lr 1x, stem frozen, 10 epochs, batch 8", "demo/segment", []),
+    ],
 }
 
 
 def run_row(
     name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0,
-    nproc: int = 1, trained: dict | None = None,
+    nproc: int = 1, trained: dict | None = None, pseudo: Path | None = None,
 ) -> dict:
     """Train the row's run and score it. `trained`: the row of an earlier run of it, whose training is
     kept: only the scoring is redone, at the preset's current inference settings (`--rescore`)."""
@@ -89,7 +103,11 @@ def run_row(
         return {**row, **score(cfg, run_dir, data_root)}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    if nproc > 1:  # the same training under torchrun (gloo on CPU), as a user would launch it
+    if cfg.method.name == "deeplab":  # stage 2: on the pseudo masks (checked by main)
+        from wsss.segment.train import train_segmenter
+
+        train_segmenter(cfg, pseudo, run_dir)
+    elif nproc > 1:  # the same training under torchrun (gloo on CPU), as a user would launch it
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "wsss", "train", preset, "--out", str(run_dir), *[a for o in options for a in ("-o", o)]]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -107,8 +125,16 @@ def score(cfg, run_dir: Path, data_root: Path) -> dict:
     infer = {"scales": cfg.infer.scales, "flip": cfg.infer.flip, "progress": False}
     row: dict = {}
     threshold = None
-    for name in ("sweep", "val"):  # a rescore must not resume from masks made at other settings
+    for name in ("sweep", "val", "train"):  # a rescore must not resume from masks made at other settings
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    if cfg.method.name == "deeplab":  # stage 2: predictions without tags; train mIoU is what to choose by
+        from wsss.segment.predict import predict_dataset
+
+        row["train_miou"] = predict_dataset(run_dir, data_root, cfg.data.train_split, run_dir / "train", progress=False)["miou"]
+        t0 = time.perf_counter()
+        row["val_miou"] = predict_dataset(run_dir, data_root, cfg.data.val_split, run_dir / "val", progress=False)["miou"]
+        row["label_s"] = round(time.perf_counter() - t0, 1)
+        return {**row, "bg_threshold": None, "scales": list(cfg.infer.scales)}
     if cfg.method.name == "cam":  # background threshold chosen on train, reported on val
         sweep = pseudo_label(run_dir, data_root, cfg.data.train_split, run_dir / "sweep", sweep_thresholds=THRESHOLDS, **infer)
         threshold = sweep["best_threshold"]
@@ -127,18 +153,20 @@ def _mean(runs: list[dict], key: str) -> float:
 
 
 def markdown(suite: str, rows: list[dict], command: str) -> str:
+    stage2 = suite.startswith("segment")
     cpu = platform.processor() or platform.machine()
     head = (
         f"<!-- ablation:{suite} -->\n"
         f"Command: `{command}`  \n"
         f"Machine: {torch.get_num_threads()} threads, {cpu}, torch {torch.__version__}, CPU.\n\n"
-        "| run | overrides | val mIoU (mean) | per training seed | bg thr (train) | train s | label s |\n"
+        f"| run | overrides | val mIoU (mean) | per training seed | {'train mIoU' if stage2 else 'bg thr (train)'} | train s | label s |\n"
         "|---|---|---:|---|---|---:|---:|\n"
     )
     lines = []
     for runs in rows:  # one table row per ablation row: its runs, one per training seed
         seeds = ", ".join(f"{r.get('train_seed', 0)}: {r['val_miou']:.3f}" for r in runs)
-        thr = ", ".join(str(r["bg_threshold"]) for r in runs if r["bg_threshold"] is not None)
+        thr = ", ".join(f"{r['train_miou']:.3f}" if stage2 else str(r["bg_threshold"])
+                        for r in runs if stage2 or r["bg_threshold"] is not None)
         r = runs[0]
         lines.append(f"| {r['name']} | `{r['preset']}` {r['overrides']} | {_mean(runs, 'val_miou'):.4f} | {seeds} | {thr} | "
                      f"{_mean(runs, 'train_s'):.0f} | {_mean(runs, 'label_s'):.0f} |")
@@ -166,6 +194,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="train under torchrun with this many processes")
     parser.add_argument("--rescore", action="store_true",
                         help="keep each row's trained run, redo only its scoring at the preset's current test settings")
+    parser.add_argument("--pseudo", type=Path, help="segment suite: the train pseudo masks (`wsss pseudo-label RUN "
+                        "--split train --crf --out DIR` of a stage-1 run on the --data-seed data)")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table from the rows run so far")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra key=value for every row")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -182,6 +212,8 @@ def main() -> None:
             row = json.loads(line)
             done.setdefault(row["name"], {})[row.get("train_seed", 0)] = row
     if not args.table_only:
+        if args.suite == "segment" and not (args.pseudo and args.pseudo.is_dir()):
+            parser.error(f"segment: --pseudo must be a folder of train pseudo masks, got {args.pseudo}")
         ensure_demo(data_root, seed=args.data_seed)
         for name, preset, overrides in SUITES[args.suite]:
             if args.only and not any(part in name for part in args.only.split("|")):
@@ -194,7 +226,8 @@ def main() -> None:
                 if trained is None:
                     print(f"--rescore: no earlier run of {name!r}, train seed {args.train_seed}: skipped", file=sys.stderr)
                     continue
-            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed, args.nproc, trained)
+            row = run_row(name, preset, overrides, data_root, work, args.override, args.train_seed, args.nproc, trained,
+                          args.pseudo)
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -202,7 +235,8 @@ def main() -> None:
     names = [n for name, _, _ in SUITES[args.suite] for n in (name, *(m for m in done if m.startswith(f"{name} [")))]
     rows = [[done[name][k] for k in sorted(done[name])] for name in names if name in done]
     command = "python benchmarks/ablation.py " + " ".join(
-        [args.suite, f"--data-seed {args.data_seed}"] + [f"-o {o}" for o in args.override]
+        [args.suite, f"--data-seed {args.data_seed}"] + ([f"--pseudo {args.pseudo}"] if args.pseudo else [])
+        + [f"-o {o}" for o in args.override]
     )
     text = markdown(f"{args.suite}:seed{args.data_seed}", rows, command)
     print(text)

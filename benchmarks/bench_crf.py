@@ -10,7 +10,9 @@ mass leaked to a wrong, absent class and a little noise on every channel. mIoU i
     python benchmarks/bench_crf.py                 # 8 images, about 10 s on one core
     python benchmarks/bench_crf.py --images 20 --preset toco
     python benchmarks/bench_crf.py --num-classes 81   # COCO's label count
-    python benchmarks/bench_crf.py --write         # also the "Dense CRF" section of RESULTS.md (21 and 81)
+    python benchmarks/bench_crf.py --sweep-iterations 1,2,3,5,10   # cost and mIoU per mean-field iteration count
+    python benchmarks/bench_crf.py --write         # also the "Dense CRF" section of RESULTS.md (21 and 81 classes,
+                                                   # and the iteration sweep at 21)
 
 Why not more than ~2.5x at 21 classes: pydensecrf's cost per image is a fixed part (building the
 bilateral permutohedral lattice, ~0.1-0.5 s at 500x375 depending on the image's colour noise, and a
@@ -23,13 +25,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from wsss.config import CRFConfig
-from wsss.postprocess.crf import refine
+from wsss.postprocess.crf import refine, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_section  # noqa: E402
@@ -92,8 +95,6 @@ def phases(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> tuple[float,
     """Seconds of (lattice setup, 10 mean-field iterations) of one pydensecrf call."""
     import pydensecrf.densecrf as dcrf
 
-    from wsss.postprocess.crf import resolve
-
     cfg = resolve(cfg)
     k = probs.shape[0]
     t0 = time.perf_counter()
@@ -135,6 +136,39 @@ def run(images: int, seed: int, preset: str, num_classes: int) -> dict:
     }
 
 
+def iteration_sweep(images: int, seed: int, preset: str, num_classes: int, counts: list[int]) -> list[dict]:
+    """ms / image and mIoU of present- and all-class CRF at each mean-field iteration count (the preset's
+    other parameters): where each converges, i.e. what fewer iterations would save and cost."""
+    base = resolve(CRFConfig(preset=preset))
+    rng = np.random.default_rng(seed)
+    samples = [make_sample(rng, num_classes) for _ in range(images)]
+    out = []
+    for n in counts:
+        cfg = replace(base, preset="custom", iterations=n)  # "custom": resolve() keeps the count as given
+        row = {"iterations": n}
+        for name in ("present", "all"):
+            conf, secs = np.zeros((num_classes, num_classes), np.int64), 0.0
+            for image, mask, probs in samples:
+                keep = np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])
+                fn = variants(image, probs, keep, cfg)[name]
+                t0 = time.perf_counter()
+                pred = fn()
+                secs += time.perf_counter() - t0
+                conf += confusion(pred.astype(np.int64), mask.astype(np.int64), num_classes)
+            row[name] = {"ms": 1000 * secs / images, "miou": miou(conf)}
+        out.append(row)
+    return out
+
+
+def sweep_markdown(rows: list[dict], num_classes: int) -> str:
+    body = [[r["iterations"], f"{r['present']['ms']:.0f}", f"{100 * r['present']['miou']:.1f}",
+             f"{r['all']['ms']:.0f}", f"{100 * r['all']['miou']:.1f}", f"{r['all']['ms'] / r['present']['ms']:.1f}x"]
+            for r in rows]
+    return (f"\nMean-field iterations ({num_classes} classes, the same images; the presets run 10):\n\n"
+            + table(["iterations", "present ms", "present mIoU %", "all ms", "all mIoU %", "all / present"], body)
+            + "\n")
+
+
 LABELS = {
     "none": "no CRF, argmax of all classes",
     "none_present": "no CRF, argmax of the present classes",
@@ -172,12 +206,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="vit_pcm", help="vit_pcm | toco")
     ap.add_argument("--num-classes", type=int, default=21, help="label count (21: VOC, 81: COCO)")
+    ap.add_argument("--sweep-iterations", default="", help="comma-separated mean-field iteration counts to compare")
     ap.add_argument("--write", action="store_true", help="run 21 and 81 classes and update RESULTS.md")
     args = ap.parse_args(argv)
     counts = [21, 81] if args.write else [args.num_classes]
+    sweep = [int(n) for n in args.sweep_iterations.split(",") if n] or ([1, 2, 3, 5, 10] if args.write else [])
     results = [run(args.images, args.seed, args.preset, n) for n in counts]
     command = "python benchmarks/bench_crf.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, command.strip())
+    if sweep:
+        text += sweep_markdown(iteration_sweep(args.images, args.seed, args.preset, counts[0], sweep), counts[0])
     print(text)
     if args.write:
         write_section("crf", "Dense CRF: present classes vs all classes", text)

@@ -102,6 +102,15 @@ def test_bench_crf(bench):
     assert res["miou"]["none_present"] >= res["miou"]["none"]
 
 
+def test_bench_crf_iteration_sweep_runs_the_counts_given(bench):
+    pytest.importorskip("pydensecrf")
+    rows = bench("bench_crf").iteration_sweep(1, 0, "vit_pcm", 6, [1, 8])
+    assert [r["iterations"] for r in rows] == [1, 8]
+    # the count reaches pydensecrf (not the preset's 10): the masks differ between 1 and 8 iterations
+    for name in ("present", "all"):
+        assert rows[0][name]["miou"] != rows[1][name]["miou"] and 0 <= rows[1][name]["miou"] <= 1
+
+
 def test_ablation_table_shows_every_training_seed_and_the_mean(bench):
     ablation = bench("ablation")
     runs = [{"name": "top-K", "preset": "demo/tkp", "overrides": "", "train_seed": s, "val_miou": v,
@@ -110,3 +119,15 @@ def test_ablation_table_shows_every_training_seed_and_the_mean(bench):
     (line,) = [x for x in text.splitlines() if x.startswith("| top-K")]
     assert "| 0.5000 |" in line and "0: 0.400, 1: 0.600" in line
     assert text.startswith("<!-- ablation:tkp:seed1 -->") and text.endswith("<!-- /ablation:tkp:seed1 -->\n")
+
+
+def test_ablation_segment_suite_tables_train_miou_and_needs_pseudo_masks(bench, tmp_path, monkeypatch):
+    ablation = bench("ablation")
+    runs = [{"name": "stage 2", "preset": "demo/segment", "overrides": "", "train_seed": 0, "val_miou": 0.7,
+             "train_miou": 0.75, "bg_threshold": None, "train_s": 10.0, "label_s": 2.0}]
+    text = ablation.markdown("segment:seed0", [runs], "python benchmarks/ablation.py segment")
+    assert "| train mIoU |" in text.splitlines()[4] and "| 0.750 |" in text
+    monkeypatch.setattr("sys.argv", ["ablation.py", "segment", "--work", str(tmp_path), "--pseudo", str(tmp_path / "no")])
+    with pytest.raises(SystemExit):  # a clear usage error before any data is made or run trained
+        ablation.main()
+    assert not any(tmp_path.iterdir())
