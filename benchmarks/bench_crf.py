@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,30 +108,45 @@ def phases(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> tuple[float,
     return t1 - t0, time.perf_counter() - t1
 
 
+def present_classes(mask: np.ndarray) -> np.ndarray:
+    """Background + the classes in the mask (the GT tags), the channels the present-class CRF keeps."""
+    return np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])
+
+
+def measure(samples: Iterable, cfg: CRFConfig, names: tuple[str, ...], num_classes: int) -> tuple[dict, dict]:
+    """ms / image and mIoU over `samples` ((image, mask, probs) each) of each named variant (see `variants`)."""
+    conf = {n: np.zeros((num_classes, num_classes), np.int64) for n in names}
+    secs = dict.fromkeys(names, 0.0)
+    count = 0
+    for image, mask, probs in samples:
+        count += 1
+        fns = variants(image, probs, present_classes(mask), cfg)
+        for name in names:
+            t0 = time.perf_counter()
+            pred = fns[name]()
+            secs[name] += time.perf_counter() - t0
+            conf[name] += confusion(pred.astype(np.int64), mask.astype(np.int64), num_classes)
+    return {n: 1000 * secs[n] / max(count, 1) for n in names}, {n: miou(conf[n]) for n in names}
+
+
 def run(images: int, seed: int, preset: str, num_classes: int) -> dict:
     cfg = CRFConfig(preset=preset)
     rng = np.random.default_rng(seed)
-    names = ("none", "none_present", "present", "all")
-    conf = {n: np.zeros((num_classes, num_classes), np.int64) for n in names}
-    secs = dict.fromkeys(names, 0.0)
     setup = {"present": 0.0, "all": 0.0}
     iters = {"present": 0.0, "all": 0.0}
-    for _ in range(images):
-        image, mask, probs = make_sample(rng, num_classes)
-        keep = np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])  # background + GT tags
-        for name, fn in variants(image, probs, keep, cfg).items():
-            t0 = time.perf_counter()
-            pred = fn()
-            secs[name] += time.perf_counter() - t0
-            conf[name] += confusion(pred.astype(np.int64), mask.astype(np.int64), num_classes)
-        for name, p in (("present", probs[keep]), ("all", probs)):
-            a, b = phases(image, p, cfg)
-            setup[name] += a
-            iters[name] += b
+
+    def samples():  # one at a time (81 classes: 60 MB of probabilities an image), phases timed on the way
+        for _ in range(images):
+            image, mask, probs = make_sample(rng, num_classes)
+            for name, p in (("present", probs[present_classes(mask)]), ("all", probs)):
+                a, b = phases(image, p, cfg)
+                setup[name] += a
+                iters[name] += b
+            yield image, mask, probs
+
+    ms, mious = measure(samples(), cfg, ("none", "none_present", "present", "all"), num_classes)
     return {
-        "num_classes": num_classes, "images": images, "preset": preset,
-        "ms": {n: 1000 * secs[n] / images for n in names},
-        "miou": {n: miou(conf[n]) for n in names},
+        "num_classes": num_classes, "images": images, "preset": preset, "ms": ms, "miou": mious,
         "setup_ms": {n: 1000 * v / images for n, v in setup.items()},
         "iterations_ms": {n: 1000 * v / images for n, v in iters.items()},
     }
@@ -145,18 +161,8 @@ def iteration_sweep(images: int, seed: int, preset: str, num_classes: int, count
     out = []
     for n in counts:
         cfg = replace(base, preset="custom", iterations=n)  # "custom": resolve() keeps the count as given
-        row = {"iterations": n}
-        for name in ("present", "all"):
-            conf, secs = np.zeros((num_classes, num_classes), np.int64), 0.0
-            for image, mask, probs in samples:
-                keep = np.array([0, *sorted(set(np.unique(mask).tolist()) - {0})])
-                fn = variants(image, probs, keep, cfg)[name]
-                t0 = time.perf_counter()
-                pred = fn()
-                secs += time.perf_counter() - t0
-                conf += confusion(pred.astype(np.int64), mask.astype(np.int64), num_classes)
-            row[name] = {"ms": 1000 * secs / images, "miou": miou(conf)}
-        out.append(row)
+        ms, mious = measure(samples, cfg, ("present", "all"), num_classes)
+        out.append({"iterations": n, **{name: {"ms": ms[name], "miou": mious[name]} for name in ms}})
     return out
 
 
