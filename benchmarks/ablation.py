@@ -42,6 +42,7 @@ from wsss.config import load_config
 from wsss.data.demo import ensure_demo
 from wsss.engine.inference import pseudo_label
 from wsss.engine.trainer import train
+from wsss.methods import METHODS
 
 HERE = Path(__file__).parent
 # 0.02, 0.03, 0.05 .. 0.80: max-like pooling (small tau > 0) makes peaky maps whose best threshold is low
@@ -87,6 +88,11 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
+def _stage2(cfg) -> bool:
+    """A segmentation network trained on masks (the registry's `target`, as `wsss segment` checks it)."""
+    return METHODS[cfg.method.name].target == "mask"
+
+
 def run_row(
     name: str, preset: str, overrides: list[str], data_root: Path, work: Path, extra: list[str], train_seed: int = 0,
     nproc: int = 1, trained: dict | None = None, pseudo: Path | None = None,
@@ -103,7 +109,7 @@ def run_row(
         return {**row, **score(cfg, run_dir, data_root)}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    if cfg.method.name == "deeplab":  # stage 2: on the pseudo masks (checked by main)
+    if _stage2(cfg):  # on the pseudo masks (checked by main)
         from wsss.segment.train import train_segmenter
 
         train_segmenter(cfg, pseudo, run_dir)
@@ -127,7 +133,7 @@ def score(cfg, run_dir: Path, data_root: Path) -> dict:
     threshold = None
     for name in ("sweep", "val", "train"):  # a rescore must not resume from masks made at other settings
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    if cfg.method.name == "deeplab":  # stage 2: predictions without tags; train mIoU is what to choose by
+    if _stage2(cfg):  # predictions without tags; train mIoU is what to choose by
         from wsss.segment.predict import predict_dataset
 
         row["train_miou"] = predict_dataset(run_dir, data_root, cfg.data.train_split, run_dir / "train", progress=False)["miou"]
