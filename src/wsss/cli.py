@@ -59,6 +59,25 @@ def demo(
     run_demo(out, preset=preset, overrides=overrides, crf=crf, segment=segment)
 
 
+@app.command("run")
+def run_all(
+    config: Annotated[str, typer.Argument(help="A YAML file or a preset name (see `wsss presets`).")],
+    data: Annotated[Path, typer.Option(help="Dataset root (sets data.root).")],
+    out: Annotated[Path, typer.Option(help="Folder for every stage's output (a rerun resumes it).")],
+    overrides: Overrides = [],  # noqa: B006
+    seeds: Annotated[int, typer.Option(help="Train with this many seeds (train.seed, +1, ...): mean +- sd.")] = 1,
+    crf: Annotated[bool, typer.Option(help="Dense CRF on the pseudo masks and predictions.")] = True,
+    segment: Annotated[bool, typer.Option(help="Train the stage-2 segmentation network.")] = True,
+    segment_config: Annotated[str, typer.Option(help="Stage-2 config or preset.")] = "demo/segment",
+) -> None:
+    """Tags to a trained segmenter in one command: train, pseudo masks (+ CRF), stage 2, predictions and
+    evaluation on val, the report; resumable stage by stage, every number with its protocol."""
+    from wsss.pipeline import run_pipeline
+
+    run_pipeline(config, data, out, overrides, seeds=seeds, crf=crf, segment=segment,
+                 segment_config=segment_config)
+
+
 # -------------------------------------------------------------------------------------------------- data
 
 
@@ -194,6 +213,33 @@ def pseudo_label(
         device=device,
         skip_bad=skip_bad,
     )
+    typer.echo(json.dumps(_brief(summary), indent=2, default=str))
+
+
+@app.command()
+def refine(
+    run: Path,
+    seeds: Annotated[Path, typer.Option(help="A pseudo-label folder made with --save-maps (maps/<id>.npz).")],
+    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    out: Annotated[Path, typer.Option(help="Folder for the refined <id>.png masks.")],
+    split: Annotated[str, typer.Option(help="Split to refine (AffinityNet trains on its images).")] = "train",
+    config: Annotated[
+        str | None, typer.Option(help="AffinityNet preset or YAML (default: RUN/config.yaml, else demo/affinity).")
+    ] = None,
+    overrides: Overrides = [],  # noqa: B006
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images and seed maps, listed in the summary, instead of stopping.")
+    ] = False,
+) -> None:
+    """Refine seeds with a learned affinity (PSA): confident labels, AffinityNet in RUN, random walk
+    (resumable: finished files are skipped)."""
+    from wsss.postprocess.affinity import refine as run_refine
+
+    if config is None:
+        config = str(run / "config.yaml") if (run / "config.yaml").is_file() else "demo/affinity"
+    cfg = load_config(config, overrides)
+    summary = run_refine(cfg, run, seeds, data, split, out, device=device, skip_bad=skip_bad)
     typer.echo(json.dumps(_brief(summary), indent=2, default=str))
 
 

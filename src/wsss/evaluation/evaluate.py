@@ -26,7 +26,8 @@ def evaluate_dir(
 
     `data_root` may also be an opened `SegmentationDataset`. Returns a JSON-able dict: `miou` (a fraction),
     `per_class` {name: {iou, precision, recall}} (None where undefined), `pixel_accuracy`, `num_images`,
-    `split`, `pred_dir`."""
+    `split`, `pred_dir`, and `protocol` (wsss.provenance): the folder's own (its summary.json, else its
+    pseudo_label.json settings) with the evaluated split, or "unknown" fields for masks wsss did not write."""
     pred_dir = Path(pred_dir)
     if isinstance(data_root, (str, Path)):
         from wsss.data import open_dataset
@@ -73,7 +74,36 @@ def evaluate_dir(
         "num_images": len(ds.ids),
         "split": split,
         "pred_dir": str(pred_dir),
+        "protocol": folder_protocol(pred_dir, split),
     }
+
+
+def folder_protocol(pred_dir: str | Path, split: str) -> dict:
+    """The protocol of a mask folder (see evaluate_dir), for `split`."""
+    import json
+
+    from wsss.provenance import unknown_protocol
+
+    pred_dir = Path(pred_dir)
+
+    def read(name: str):
+        try:
+            return json.loads((pred_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    summary = read("summary.json")
+    if isinstance(summary, dict) and isinstance(summary.get("protocol"), dict):
+        return {**summary["protocol"], "split": split}
+    settings = read("pseudo_label.json")
+    proto = unknown_protocol(split)
+    if isinstance(settings, dict):  # older folders: what their settings tell
+        crf = settings.get("crf_config") or {}
+        proto.update(stage="crf" if settings.get("crf") else "seeds",
+                     tags="predicted" if settings.get("predicted_tags") else "gt",
+                     scales=settings.get("scales", "unknown"), flip=settings.get("flip", "unknown"),
+                     crf=crf.get("preset") if settings.get("crf") else None)
+    return proto
 
 
 def _ordered_map(fn: Callable, items: Any, num_workers: int) -> Iterator:

@@ -173,15 +173,37 @@ def _per_class(summaries: dict[str, dict]) -> str:
     rows = "".join(
         f"<tr><td class=l>{_e(label)}</td><td>{_e(s.get('split', ''))}</td>"
         f"<td>{_e(s.get('crf', ''))}</td><td>{_e(s.get('predicted_tags', ''))}</td>"
-        f"<td>{100 * s['miou']:.2f}</td></tr>"
+        f"<td>{100 * s['miou']:.2f}</td><td class=l>{_e(_protocol_line(s))}</td></tr>"
         for label, s in summaries.items()
         if isinstance(s.get("miou"), (int, float))
     )
     table = (
-        "<table><tr><th class=l>output</th><th>split</th><th>CRF</th><th>predicted tags</th><th>mIoU (%)</th></tr>"
+        "<table><tr><th class=l>output</th><th>split</th><th>CRF</th><th>predicted tags</th><th>mIoU (%)</th>"
+        "<th class=l>protocol</th></tr>"
         f"{rows}</table>"
     )
     return _img(_fig_uri(fig), "per-class IoU", "plot") + table
+
+
+def _protocol_line(summary: dict) -> str:
+    from wsss.provenance import protocol_text
+
+    return protocol_text(summary.get("protocol"))
+
+
+def _provenance(run_dir: Path) -> str:
+    """RUN/env.json (wsss.provenance): what made this run."""
+    env = _read_json(run_dir / "env.json")
+    if not isinstance(env, dict):
+        return '<p class="muted">No env.json in this run (made before wsss recorded provenance).</p>'
+    git = env.get("git") or {}
+    commit = f"{git.get('commit', '')}{' (dirty)' if git.get('dirty') else ''}" if git else "not a git checkout"
+    rows = [("wsss", env.get("wsss")), ("git commit", commit), ("command", " ".join(map(str, env.get("argv") or []))),
+            ("python", env.get("python")), ("torch", env.get("torch")), ("timm", env.get("timm")),
+            ("CUDA", env.get("cuda")), ("cuDNN", env.get("cudnn")), ("devices", ", ".join(map(str, env.get("devices") or []))),
+            ("world size", env.get("world_size")), ("host", env.get("host"))]
+    body = "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<table class=provenance>{body}</table>"
 
 
 def _thumb(image: Image.Image) -> Image.Image:
@@ -305,6 +327,8 @@ def write_report(run_dir: str | Path, demo_dir: str | Path | None = None, output
 {gallery}
 <h2 id="timings">Timings</h2>
 {_timings(records, demo_summary)}
+<h2 id="provenance">Provenance</h2>
+{_provenance(run_dir)}
 <h2 id="config">Config</h2>
 <pre>{_e(config_text) or '<span class="muted">no config.yaml</span>'}</pre>
 </body></html>
