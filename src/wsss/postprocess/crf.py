@@ -1,15 +1,22 @@
-"""Dense CRF (Kraehenbuehl & Koltun 2011, through pydensecrf2) over the classes present in an image.
+"""Dense CRF (Kraehenbuehl & Koltun 2011) over the classes present in an image.
+
+Two backends of the same model (`infer.crf.backend`): `pydensecrf` (pydensecrf2, C++, CPU, needs a
+compiler to install: `wsss[crf-native]`) and `torch` (`crf_torch.py`, built in, CPU or CUDA, agrees with
+pydensecrf to float noise); `auto` takes pydensecrf when it is importable and the device is the CPU.
 
 `refine(image, probs, cfg)` takes the probabilities of only the K channels the caller keeps (background +
 the image's classes): the mean-field cost is linear in K, so 2-3 channels instead of 21 (VOC) or 81 (COCO)
 is what makes CRF on a whole split affordable, and absent classes cannot appear in the output.
 
 Presets (the parameters the papers' public code passes to pydensecrf):
-- `vit_pcm`: PSA's `crf_inference` (Ahn & Kwak 2018), which ViT-PCM and most CAM papers reuse:
+- `psa`: PSA's `crf_inference` (Ahn & Kwak 2018), which many CAM papers reuse:
   gaussian sxy=3 compat=3, bilateral sxy=80 srgb=13 compat=10, 10 mean-field iterations.
-- `toco`: ToCo (Ru et al. 2023, rulixiang/ToCo `tools/infer_seg_voc.py`, the same as their AFA): DeepLab's
-  `DenseCRF` wrapper with iter_max=10, pos_xy_std=1, pos_w=1, bi_xy_std=121, bi_rgb_std=5, bi_w=4.
-  (Written from our knowledge of that code; no copy of it was available offline to re-check.)
+- `vit_pcm`: ViT-PCM's own inference (Rossetti et al. 2022): 10 iterations, gaussian sxy=1 compat=3,
+  bilateral sxy=67 srgb=3 compat=4.
+- `toco`: **unverified (written from memory)**. ToCo (Ru et al. 2023, rulixiang/ToCo
+  `tools/infer_seg_voc.py`, the same as their AFA): DeepLab's `DenseCRF` wrapper with iter_max=10,
+  pos_xy_std=1, pos_w=1, bi_xy_std=121, bi_rgb_std=5, bi_w=4; no copy of that code was available offline
+  to re-check.
 - `custom`: the values in `CRFConfig` as given.
 
 `refine` is a top-level function of numpy arrays and a dataclass, so it pickles into worker processes;
@@ -31,18 +38,50 @@ from wsss.config import CRFConfig
 from wsss.errors import ConfigError
 
 PRESETS: dict[str, dict[str, float]] = {
-    "vit_pcm": dict(
+    "psa": dict(
         iterations=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13, bilateral_compat=10
+    ),
+    "vit_pcm": dict(
+        iterations=10, gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4
     ),
     "toco": dict(
         iterations=10, gaussian_sxy=1, gaussian_compat=1, bilateral_sxy=121, bilateral_srgb=5, bilateral_compat=4
     ),
 }
 EPS = 1e-8
+BACKENDS = ("auto", "torch", "pydensecrf")
+
+
+def has_pydensecrf() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(cfg: CRFConfig, device: Any = None) -> str:
+    """`torch` or `pydensecrf` for this config and device (None: the CPU); ConfigError on a bad value or
+    when pydensecrf is asked for but not installed."""
+    backend = getattr(cfg, "backend", "auto")
+    if backend not in BACKENDS:
+        raise ConfigError(f"infer.crf.backend: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    on_cpu = device is None or str(device).split(":")[0] == "cpu"
+    if backend == "auto":
+        return "pydensecrf" if on_cpu and has_pydensecrf() else "torch"
+    if backend == "pydensecrf":
+        if not on_cpu:
+            raise ConfigError(f"infer.crf.backend: pydensecrf runs on the CPU only, not {device}; use torch or auto")
+        if not has_pydensecrf():
+            raise ConfigError("infer.crf.backend: pydensecrf is not installed (pip install 'wsss[crf-native]', "
+                              "needs a C++ compiler), or use backend torch / auto")
+    return backend
 
 
 def resolve(cfg: CRFConfig) -> CRFConfig:
-    """The config with the preset's values filled in (`custom`: unchanged)."""
+    """The config with the preset's values filled in (`custom`: unchanged); the backend is validated."""
+    if getattr(cfg, "backend", "auto") not in BACKENDS:
+        choose_backend(cfg)  # raises the ConfigError
     if cfg.preset == "custom":
         return cfg
     if cfg.preset not in PRESETS:
@@ -51,15 +90,20 @@ def resolve(cfg: CRFConfig) -> CRFConfig:
     return replace(cfg, **{k: (int(v) if k == "iterations" else float(v)) for k, v in p.items()})
 
 
-def refine(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None) -> np.ndarray:
-    """Dense-CRF labels for one image.
+def refine(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None, device: Any = None) -> np.ndarray:
+    """Dense-CRF labels for one image, by the backend `cfg.backend` picks (see `choose_backend`).
 
     image: uint8 [H, W, 3] RGB; probs: float [K, H, W] scores of the K kept classes (they need not sum
-    to 1: the unary is -log p, and a per-pixel constant cancels in the mean-field softmax).
+    to 1: the unary is -log p, and a per-pixel constant cancels in the mean-field softmax); a torch
+    tensor is accepted too. device: where the torch backend runs (None: the CPU).
     Returns indices into the K channels, uint8 [H, W] (int64 when K > 256)."""
-    import pydensecrf.densecrf as dcrf  # optional dependency (wsss[crf]); imported where used
-
     cfg = resolve(cfg or CRFConfig())
+    backend = choose_backend(cfg, device)
+    if backend == "torch":
+        return _refine_torch(image, probs, cfg, device)
+    import pydensecrf.densecrf as dcrf  # optional dependency (wsss[crf-native]); imported where used
+
+    probs = probs.detach().cpu().numpy() if hasattr(probs, "detach") else probs
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3:
         raise ValueError(f"probs must be [K, H, W], got shape {probs.shape}")
@@ -83,6 +127,21 @@ def refine(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None) -
     return q.argmax(0).reshape(h, w).astype(dtype)
 
 
+def _refine_torch(image: Any, probs: Any, cfg: CRFConfig, device: Any) -> np.ndarray:
+    from wsss.postprocess.crf_torch import refine_torch
+
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be [K, H, W], got shape {tuple(probs.shape)}")
+    k, h, w = probs.shape
+    if tuple(image.shape) != (h, w, 3):
+        raise ValueError(f"image shape {tuple(image.shape)} does not match probs {tuple(probs.shape)} "
+                         f"(expected [{h}, {w}, 3])")
+    dtype = np.uint8 if k <= 256 else np.int64
+    if k == 1:
+        return np.zeros((h, w), dtype)
+    return refine_torch(image, probs, cfg, device).astype(dtype)
+
+
 def default_workers() -> int:
     """The cores this process may use (affinity-aware), at most 8."""
     try:
@@ -90,6 +149,14 @@ def default_workers() -> int:
     except AttributeError:  # macOS, Windows
         n = os.cpu_count() or 1
     return max(1, min(8, n))
+
+
+def _worker_init() -> None:
+    """One thread per worker: the torch backend must not run `workers` x cores threads."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _refine_keyed(key: Any, image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> tuple[Any, np.ndarray]:
@@ -112,7 +179,8 @@ class CRFPool:
         self.workers = default_workers() if workers < 0 else workers
         self.max_in_flight = max_in_flight or 2 * max(self.workers, 1)
         self._pool = (
-            concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                                   initializer=_worker_init)
             if self.workers > 0
             else None
         )

@@ -132,7 +132,7 @@ def predict(
         for _ in work():
             pass
     else:
-        with crf_pool(cfg.infer.crf.workers) as pool:
+        with crf_pool(cfg.infer.crf) as pool:
             for name, idx in pool.map(work(), cfg.infer.crf):
                 image, keep = pending.pop(name)
                 finish(name, image, np.asarray(keep, dtype=np.uint8)[np.asarray(idx)])
