@@ -24,6 +24,11 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 
 
+class FromBackbone(list):
+    """A `data.mean` / `data.std` nobody set (ImageNet's numbers until resolved): `Config` replaces it by
+    the backbone's normalisation (`wsss.data.transforms.backbone_normalisation`)."""
+
+
 @dataclass
 class DataConfig:
     root: str = ""
@@ -35,8 +40,10 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random resize before the crop
     hflip: bool = True
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Unset: the backbone's own normalisation (timm pretrained_cfg; ImageNet for the offline names), filled
+    # in when the Config is built (so the run's config.yaml records it); set in a config: used as given.
+    mean: list[float] = field(default_factory=lambda: FromBackbone([0.485, 0.456, 0.406]))
+    std: list[float] = field(default_factory=lambda: FromBackbone([0.229, 0.224, 0.225]))
     num_workers: int = -1  # -1: chosen from the machine
     skip_bad: bool = False  # skip unreadable samples (listed in the run log) instead of stopping
 
@@ -50,6 +57,7 @@ class BackboneConfig:
     output_stride: int = 16  # CNNs: the last stages are dilated to reach it
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    dropout: list[float] = field(default_factory=list)  # resnet38d: Dropout2d in b6, b7 ([]: 0.3, 0.5)
 
 
 @dataclass
@@ -84,11 +92,14 @@ class TrainConfig:
     val_every: int = 1  # epochs between val pseudo-mask mIoU (when the val split has masks); the last epoch
     #                   always; 0: never (no best.pt, the run's checkpoint is the last epoch's)
     log_every: int = 10  # steps
+    tensorboard: bool = False  # RUN/tb/: per-step losses and lr, per-epoch val figures (rank 0; needs tensorboard)
 
 
 @dataclass
 class CRFConfig:
-    preset: str = "vit_pcm"  # vit_pcm | toco | custom (then the values below are used as given)
+    # psa | vit_pcm | toco | custom (then the values below are used as given); postprocess/crf.py has them.
+    # psa by default: the values most CAM papers reuse, and the ones the demo presets were tuned with.
+    preset: str = "psa"
     iterations: int = 10
     gaussian_sxy: float = 3.0
     gaussian_compat: float = 3.0
@@ -96,6 +107,7 @@ class CRFConfig:
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
     workers: int = -1  # CRF worker processes, -1: chosen from the machine
+    backend: str = "auto"  # torch | pydensecrf | auto (pydensecrf when importable and on CPU, else torch)
 
 
 @dataclass
@@ -115,6 +127,18 @@ class Config:
     method: Any = None  # the dataclass registered under method.name (wsss.methods)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    # published numbers to compare with (`wsss run` prints them beside its own), e.g.
+    # {pseudo_train_crf: 71.39, pseudo_val_crf: 69.32, source: "ViT-PCM README"}; mIoU in %
+    reference: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.data
+        if isinstance(d, DataConfig) and (isinstance(d.mean, FromBackbone) or isinstance(d.std, FromBackbone)):
+            from wsss.data.transforms import backbone_normalisation
+
+            mean, std = backbone_normalisation(self.model.backbone.name)
+            d.mean = list(mean) if isinstance(d.mean, FromBackbone) else d.mean
+            d.std = list(std) if isinstance(d.std, FromBackbone) else d.std
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,6 +23,39 @@ from wsss.io import IGNORE_INDEX, DataError
 log = logging.getLogger("wsss.data")
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a backbone's weights were trained with: timm's `pretrained_cfg` for a timm name (e.g.
+    `vit_base_patch16_224.orig_in21k_ft_in1k` -> 0.5 / 0.5), ImageNet's for the wsss offline names
+    and for a name timm does not know (creating the backbone reports that)."""
+    from wsss.models.backbones import BACKBONES
+
+    if name in BACKBONES:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return _timm_normalisation(name)
+
+
+_TIMM_NORM: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+
+def _timm_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if name not in _TIMM_NORM:
+        pcfg = None
+        try:
+            from timm.models import get_pretrained_cfg
+
+            pcfg = get_pretrained_cfg(name)
+        except Exception:  # unknown name or tag: the backbone factory raises the useful error
+            pass
+        mean, std = getattr(pcfg, "mean", None), getattr(pcfg, "std", None)
+        ok = all(isinstance(v, (tuple, list)) and len(v) == 3 for v in (mean, std))
+        _TIMM_NORM[name] = (tuple(map(float, mean)), tuple(map(float, std))) if ok else (IMAGENET_MEAN, IMAGENET_STD)
+    return _TIMM_NORM[name]
+
+
 def label_vector(tags: Sequence[int], num_classes: int) -> torch.Tensor:
     y = torch.zeros(num_classes - 1, dtype=torch.float32)
     for c in tags:

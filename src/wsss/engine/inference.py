@@ -293,15 +293,12 @@ def _save_maps(path: Path, keep: list[int], probs: torch.Tensor) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def crf_pool(workers: int):
-    """A CRFPool, or a ConfigError saying how to install pydensecrf2."""
-    try:
-        import pydensecrf.densecrf  # noqa: F401  (fail here, not in a worker)
+def crf_pool(crf_cfg):
+    """A CRFPool for this CRF config; a ConfigError now (not in a worker) when its backend cannot run."""
+    from wsss.postprocess.crf import CRFPool, choose_backend
 
-        from wsss.postprocess.crf import CRFPool
-    except ImportError as e:
-        raise ConfigError(f"--crf needs pydensecrf2 (pip install 'wsss[crf]'): {e}") from None
-    return CRFPool(workers)
+    choose_backend(crf_cfg)  # CRF workers run on the CPU
+    return CRFPool(crf_cfg.workers)
 
 
 def _metrics(cm, class_names) -> dict:
@@ -342,6 +339,7 @@ def pseudo_label(
     progress: bool = True,
     data_format: str | None = None,
     skip_bad: bool = False,
+    threshold_source: str = "",
 ) -> dict:
     """Write OUT/<id>.png pseudo masks for a split; with GT masks also the mIoU (returned, and written to
     OUT/summary.json in the `wsss evaluate` shape).
@@ -357,9 +355,12 @@ def pseudo_label(
     A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
     and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
     problems: ids naming missing images, repeated ids, paths).
+    Every JSON written carries a `protocol` (wsss.provenance.protocol; `threshold_source` says how the
+    background threshold was chosen, default "fixed") and OUT/env.json records the environment.
     """
     from wsss.data import open_dataset
     from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
+    from wsss.provenance import checkpoint_label, protocol, write_env
 
     t0 = time.time()
     dev = resolve_device(device)
@@ -388,7 +389,7 @@ def pseudo_label(
         if not ds.has_masks:
             raise DataError(f"{data_root}: split {split!r} has no ground-truth masks to sweep thresholds on")
         crf = save_maps = False
-    pool = crf_pool(cfg.infer.crf.workers) if crf else None
+    pool = crf_pool(cfg.infer.crf) if crf else None
 
     done: set[int] = set()
     if sweep is None:
@@ -412,6 +413,11 @@ def pseudo_label(
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
     sweep_cm = MultiConfusion(ds.num_classes, sweep) if sweep else None
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_env(out_dir)
+    used = checkpoint or (Path(run_dir) / "best.pt" if (Path(run_dir) / "best.pt").is_file() else Path(run_dir) / "last.pt")
+    stage = "stage2" if getattr(method, "target", "label") == "mask" else ("crf" if crf else "seeds")
+    proto = protocol(split, stage, predicted_tags, cfg.infer, bool(crf), bool(method.has_background),
+                     checkpoint_label(used, cfg.data.val_split), threshold_source)
     pending: dict[str, tuple[list[int], np.ndarray | None]] = {}  # CRF in flight: id -> (kept classes, gt)
     computed = 0
 
@@ -469,11 +475,12 @@ def pseudo_label(
         atomic_write_json(out_dir / "sweep.json", {
             "split": split, "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
             "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
+            "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {split}"},
         })
     elif cm is not None:
         summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split, "crf": bool(crf),
                    "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
-                   **({"skipped": skipped} if skipped else {})}
+                   **({"skipped": skipped} if skipped else {}), "protocol": proto}
         atomic_write_json(out_dir / "summary.json", summary)  # no timings: a resumed run writes the same bytes
         result.update(summary)
     result["seconds"] = round(time.time() - t0, 3)

@@ -255,6 +255,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        from wsss.provenance import write_env
+
+        write_env(out, info.world_size)
         atomic_write_json(out / "classes.json", class_names)
         split_problems = [*getattr(train_raw, "problems", []), *getattr(val_raw, "problems", [])]
         _record_skipped(skipped_path, [" ".join(p.split()) for p in split_problems])  # data.skip_bad only
@@ -309,6 +312,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         seed_everything(t.seed + 1 + info.rank)  # the data/augmentation stream differs per rank
     D.barrier()
 
+    tb = _tensorboard(out) if t.tensorboard and main else None
     model, phase = None, None
     for epoch in range(start_epoch, t.epochs):
         frozen = epoch < t.freeze_backbone_epochs
@@ -366,6 +370,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                 n_images += images.shape[0]
                 for k, v in terms.items():
                     sums[k] += v
+                if tb is not None:
+                    for k, v in terms.items():
+                        tb.add_scalar(f"train/{k}", v, step)
+                    tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
                 if bar is not None:
                     bar.update(1)
                     if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
@@ -399,6 +407,11 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         if main:
             _record_skipped(skipped_path, list(skipped))
             _append_log(log_path, record)  # before last.pt: a kill between them is undone by _truncate_log
+            if tb is not None:
+                for k in ("miou", "img_s", "seconds", "val_seconds"):
+                    if isinstance(record.get(k), (int, float)):
+                        tb.add_scalar(f"epoch/{k}", record[k], epoch + 1)
+                tb.flush()
             save_checkpoint(last_path, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": step, "best_miou": best,
@@ -409,5 +422,16 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                 print(shown, file=sys.stderr)
         D.barrier()
 
+    if tb is not None:
+        tb.close()
     return {"epochs": t.epochs, "best_miou": best, "miou": last_miou,
             "seconds": round(time.time() - t_start, 3), "out_dir": str(out)}
+
+
+def _tensorboard(out: Path):
+    """A SummaryWriter on RUN/tb (train.tensorboard); the tensorboard package is optional."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError(f"train.tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
+    return SummaryWriter(log_dir=str(out / "tb"))

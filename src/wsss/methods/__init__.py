@@ -5,6 +5,7 @@ METHODS maps `method.name` to the class; METHOD_CONFIGS to its config dataclass.
 
 from __future__ import annotations
 
+from wsss.methods.affinity import AffinityConfig, AffinityNet
 from wsss.methods.base import Method
 from wsss.methods.cam import CAMConfig, CAMMethod
 from wsss.methods.patch_classification import PatchClassificationConfig, PatchClassifier
@@ -14,11 +15,13 @@ METHODS: dict[str, type[Method]] = {
     "patch_classification": PatchClassifier,
     "cam": CAMMethod,
     "deeplab": Segmenter,
+    "affinity": AffinityNet,
 }
 METHOD_CONFIGS: dict[str, type] = {
     "patch_classification": PatchClassificationConfig,
     "cam": CAMConfig,
     "deeplab": SegmenterConfig,
+    "affinity": AffinityConfig,
 }
 
 

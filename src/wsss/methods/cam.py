@@ -10,11 +10,24 @@ How USAGE (Peng et al., 2023) maps to this code:
   (`wsss.pooling.temperature_pool`), then the multilabel soft-margin loss of s against the tags.
   `tau = inf` is GAP, i.e. the plain CAM baseline; small tau > 0 approaches max pooling; tau < 0 weights
   the weakest positions (towards min pooling).
+- Temperature form (`method.tau_mode`). With alpha = softmax(A / tau) and s = sum_i alpha_i A_i, the
+  gradient is ds/dA_i = alpha_i (1 + (A_i - s) / tau). For tau < 0 it is negative wherever
+  A_i > s + |tau|: on raw, unbounded logits the peak of the object soon lies more than |tau| above the
+  score, so the loss that should raise the score lowers the object's peak and lifts the weakest
+  (background) positions. `plain` is that literal form, kept for the ablation. `scaled` divides by the
+  maps' own spread: alpha = softmax(A / (tau * sd(A).detach())), sd over the spatial positions of each
+  map, so the temperature is measured in standard deviations: the weights do not change when A is
+  multiplied by c > 0 (s(cA) = c s(A)), and the gradient turns negative only at positions more than
+  |tau| standard deviations above the score, which a few outliers reach at most (the largest z-score of
+  N values is below sqrt(N - 1)). The sd is detached: it sets the temperature, not a training signal.
 - Regularisation loss (USAGE Sec. 4.2) -> `regularisation_loss`: the same image goes through the
   trained network (the student) with strong network adjustment (`reg.student_drop`) and through an EMA
   copy of it (the teacher, `reg.ema`, updated in `after_step`) with weak adjustment (`reg.teacher_drop`).
   L_REG = sum over present classes of KL(alpha_teacher_c || alpha_student_c), alpha_c the spatial softmax
-  of A_c; the teacher side is stop-gradient and optionally sharpened (`reg.teacher_tau`).
+  of A_c; the teacher side is stop-gradient and optionally sharpened (`reg.teacher_tau`). Its temperature
+  `reg.tau` (0 = auto) inherits the generation tau only when that is finite and positive, else it is
+  1: USAGE's figure draws the teacher's softmax without a temperature, and a negative generation tau
+  would turn the compared distributions upside down (peaks weighted least).
   Total: L = L_GEN + reg.weight * L_REG.
 
 The "deterministic principle": the sign and size of tau are fixed by the backbone kind, not searched per
@@ -70,8 +83,9 @@ class RegConfig:
     ema: float = 0.999  # teacher = EMA of the student
     teacher_tau: float = 1.0  # sharpening of the teacher's distribution: a multiplier of the REG
     #                           temperature (1 = same as the student, < 1 sharper)
-    tau: float = 0.0  # temperature of the compared spatial distributions; 0: the generation tau when
-    #                   finite, else 1.0 (GAP has no spatial distribution to compare)
+    tau: float = 0.0  # temperature of the compared spatial distributions; 0 (auto): the generation tau
+    #                   when finite and > 0, else 1.0 (GAP has no spatial distribution to compare, and a
+    #                   negative generation tau is never inherited); the paper presets set 1 explicitly
     drop_path: bool = True  # also set the backbone's DropPath modules to the adjustment rates
     teacher_maps: bool = False  # class_maps / image_scores from the EMA teacher instead of the student
     teacher_amp: str = "off"  # the teacher's forward in bf16: "bf16", "auto" (bf16 where the device computes
@@ -84,16 +98,35 @@ class RegConfig:
 class CAMConfig:
     name: str = "cam"
     tau: float = math.inf  # generation temperature: inf = GAP (plain CAM), > 0 towards max, < 0 towards min
+    tau_mode: str = "plain"  # plain: softmax(A / tau) on the raw maps (the literal form, for the ablation);
+    #                          scaled: softmax(A / (tau * sd(A).detach())), tau in standard deviations of
+    #                          each map (bounded, scale-free: see the module docstring)
     drop: float = 0.0  # dropout on the feature grid before the classifier in training (when REG is on,
     #                    the student uses reg.student_drop instead)
     reg: RegConfig = field(default_factory=RegConfig)
 
 
+TAU_MODES = ("plain", "scaled")
+
+
+def generation_scores(maps: torch.Tensor, tau: float, tau_mode: str = "plain") -> torch.Tensor:
+    """s [B, C] = sum_i softmax_i(A_i / t) * A_i over the positions of maps [B, C, h, w] (or [B, C, N]);
+    t = tau (`plain`) or tau * sd(A).detach() per map (`scaled`; GAP either way for tau = inf)."""
+    x = maps.flatten(2).float()
+    if tau_mode == "plain" or math.isinf(tau):
+        return temperature_pool(x, tau)
+    if tau_mode != "scaled":
+        raise ValueError(f"tau_mode: one of {', '.join(TAU_MODES)}, got {tau_mode!r}")
+    sd = x.detach().std(dim=-1, keepdim=True) if x.shape[-1] > 1 else torch.ones_like(x[..., :1])
+    weights = torch.softmax(x / (tau * sd.clamp_min(1e-6)), dim=-1)
+    return (weights * x).sum(-1)
+
+
 def generation_loss(
-    maps: torch.Tensor, labels: torch.Tensor, tau: float
+    maps: torch.Tensor, labels: torch.Tensor, tau: float, tau_mode: str = "plain"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_GEN and the scores s [B, C] for activation maps [B, C, h, w] (or [B, C, N])."""
-    scores = temperature_pool(maps.flatten(2).float(), tau)
+    scores = generation_scores(maps, tau, tau_mode)
     return F.multilabel_soft_margin_loss(scores, labels.float()), scores
 
 
@@ -192,7 +225,7 @@ class CAMMethod(Method):
     def _reg_tau(self) -> float:
         if self.cfg.reg.tau != 0:
             return self.cfg.reg.tau
-        return self.cfg.tau if math.isfinite(self.cfg.tau) else 1.0
+        return self.cfg.tau if math.isfinite(self.cfg.tau) and self.cfg.tau > 0 else 1.0
 
     def forward_losses(
         self, images: torch.Tensor, labels: torch.Tensor, epoch: int
@@ -203,7 +236,7 @@ class CAMMethod(Method):
         drop = reg_cfg.student_drop if self.teacher is not None else self.cfg.drop
         if self.teacher is None:
             maps = self._maps(self, images, drop)
-            gen, _ = generation_loss(maps, labels, self.cfg.tau)
+            gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode)
             return {"loss": gen, "gen": gen, "reg": gen.new_zeros(())}
         # The teacher runs in the student's per-module modes: a BatchNorm the trainer froze (frozen
         # blocks, train.freeze_bn) is frozen in the teacher too, instead of normalising by the batch.
@@ -213,7 +246,7 @@ class CAMMethod(Method):
         outputs: dict[int, object] = {}
         with record_outputs(student_mods, outputs):
             maps = self._maps(self, images, drop)
-        gen, _ = generation_loss(maps, labels, self.cfg.tau)
+        gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode)
         with torch.no_grad(), replay_outputs(teacher_mods, outputs), _teacher_autocast(reg_cfg.teacher_amp, images):
             t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
         reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
@@ -246,7 +279,7 @@ class CAMMethod(Method):
     def image_scores(self, images: torch.Tensor) -> torch.Tensor:
         # The sigmoid of the score the classifier was trained on (the training tau), so the probabilities
         # are the calibrated ones; GAP scores would be off-scale for tau != inf.
-        return torch.sigmoid(temperature_pool(self.activation_maps(images).flatten(2).float(), self.cfg.tau))
+        return torch.sigmoid(generation_scores(self.activation_maps(images), self.cfg.tau, self.cfg.tau_mode))
 
     # ------------------------------------------------------------------------------------- parameters
 
@@ -292,6 +325,8 @@ def _check(cfg: CAMConfig) -> None:
     r = cfg.reg
     if cfg.tau == 0 or math.isnan(cfg.tau):
         raise ConfigError(f"method.tau: must be non-zero (inf = GAP), got {cfg.tau}")
+    if cfg.tau_mode not in TAU_MODES:
+        raise ConfigError(f"method.tau_mode: one of {', '.join(TAU_MODES)}, got {cfg.tau_mode!r}")
     for key, v in (
         ("drop", cfg.drop),
         ("reg.student_drop", r.student_drop),

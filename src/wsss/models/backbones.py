@@ -8,6 +8,8 @@
   HV-BiLSTM's cost) for no spatial benefit; the patch head learns its own projection.
   `hybrid_vit_mobilenetv2` - the pretrained MobileNetV2 stem (stride 16, 96 channels) under 4 transformer
   blocks (dim 192, 3 heads) trained from scratch: an offline "transformer" for the demo.
+  `resnet38d` - the wide ResNet-38 of PSA / SEAM (stride 8, 4096 channels, `wsss.models.resnet38d`),
+  random init: `weights: PATH` loads the published ImageNet conversion key by key.
 - any timm ViT-family name (vision_transformer, deit, eva, hybrid): the last block's patch tokens after
   the final norm (cls / register / distillation tokens dropped), position embeddings interpolated to the
   input size (`dynamic_img_size`).
@@ -279,9 +281,37 @@ def _hybrid_vit_mobilenetv2(cfg: BackboneConfig, depth: int = 4, dim: int = 192,
     return ViTBackbone(vit, out_channels=dim, stride=16, kind="transformer")
 
 
+class ResNet38dBackbone(Backbone):
+    """ResNet-38d (`wsss.models.resnet38d`): stride 8, 4096 channels. Blocks: conv1a, each residual unit
+    (b2, b2_1, ..., b6), and b7 with the final bn7, so `train.trainable_blocks: 14` freezes conv1a and the
+    b2 stage as SEAM does. `weights:` load key by key (the published conversion's names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def blocks(self) -> list[nn.Module]:
+        units = self.model.units()
+        return [*units[:-1], _Group(b7=units[-1], bn7=self.model.bn7)]
+
+    def load_weights(self, path: str | Path) -> int:
+        from wsss.models.resnet38d import load_resnet38d_weights
+
+        return load_resnet38d_weights(self.model, path)
+
+
+def _resnet38d(cfg: BackboneConfig) -> Backbone:
+    """Random init (no packaged weights): give the converted ImageNet weights with `weights: PATH`.
+    The output stride is the architecture's, 8, whatever `output_stride` says."""
+    from wsss.models.resnet38d import DEFAULT_DROPOUT, ResNet38d
+
+    net = ResNet38d(dropout=cfg.dropout or DEFAULT_DROPOUT)
+    return ResNet38dBackbone(net, out_channels=net.out_channels, stride=net.stride, kind="cnn")
+
+
 BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
     "mobilenetv2_imagenet": _mobilenetv2_imagenet,
     "hybrid_vit_mobilenetv2": _hybrid_vit_mobilenetv2,
+    "resnet38d": _resnet38d,
 }
 
 
@@ -337,5 +367,8 @@ def create_backbone(cfg: BackboneConfig) -> Backbone:
     """The backbone named by `cfg.name` (a wsss offline name or any timm model), weights loaded."""
     backbone = BACKBONES[cfg.name](cfg) if cfg.name in BACKBONES else _timm_backbone(cfg)
     if cfg.weights:
-        load_weights_file(backbone.model, cfg.weights)
+        if hasattr(backbone, "load_weights"):  # strict, key by key (ResNet38d)
+            backbone.load_weights(cfg.weights)
+        else:
+            load_weights_file(backbone.model, cfg.weights)
     return backbone

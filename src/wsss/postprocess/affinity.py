@@ -1,0 +1,366 @@
+"""Seed refinement by learned affinity (Ahn & Kwak 2018, PSA's AffinityNet + random walk).
+
+Three steps, each a function here; `refine` (the `wsss refine` command) chains them over a split:
+
+1. `confident_labels`: from saved seed maps (`wsss pseudo-label --save-maps`), the background score
+   (1 - max_c fg)^alpha with a low and a high alpha, each refined by the dense CRF; where the two labelings
+   agree the label is kept, elsewhere 255 (ignore). Low alpha -> a large background score -> confident
+   background; high alpha -> confident foreground. (PSA's `infer_cls.py` uses alphas 4 and 32; SEAM 4 and 24;
+   MCTformer 1 and 12.)
+2. AffinityNet (`wsss.methods.affinity`): a backbone + embedding head trained by the engine trainer on those
+   labels; pairs of feature cells within `radius`: same label -> affinity 1 (background and foreground pairs
+   averaged separately), different -> 0, pairs touching 255 ignored. Loss bg/4 + fg/4 + neg/2 (PSA).
+3. `random_walk`: a_ij = exp(-mean_d |f_i - f_j|)^beta for |i - j| < radius (and i = j), row-normalised into
+   a transition matrix T, seed maps propagated 2^logt steps. Stored sparse: [N, M] neighbour indices and
+   weights (M offsets in the disk), memory linear in N = h*w, never an N x N matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.data.base import SegmentationDataset
+from wsss.errors import ConfigError, DataError
+from wsss.io import IGNORE_INDEX, atomic_write_json, read_mask, write_mask
+
+# ------------------------------------------------------------------------------------------- neighbours
+
+
+def disk_offsets(radius: int, half: bool = False) -> list[tuple[int, int]]:
+    """(dy, dx) offsets with 0 < dy^2 + dx^2 < radius^2. `half`: one of each +/- pair (dy > 0, or dy = 0
+    and dx > 0), as the training pairs are counted once."""
+    out = []
+    for dy in range(-radius + 1, radius):
+        for dx in range(-radius + 1, radius):
+            d2 = dy * dy + dx * dx
+            if d2 == 0 or d2 >= radius * radius:
+                continue
+            if half and not (dy > 0 or (dy == 0 and dx > 0)):
+                continue
+            out.append((dy, dx))
+    return out
+
+
+def shifted_pairs(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of x [..., h, w] that put cell (y, x) against cell (y + dy, x + dx), both in bounds."""
+    h, w = x.shape[-2:]
+    y0, y1 = max(0, -dy), h - max(0, dy)
+    x0, x1 = max(0, -dx), w - max(0, dx)
+    return x[..., y0:y1, x0:x1], x[..., y0 + dy : y1 + dy, x0 + dx : x1 + dx]
+
+
+def pair_affinity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """exp(-mean over channels |a - b|) for [B, D, ...] features (PSA's affinity; mean, so D does not
+    change its scale)."""
+    return torch.exp(-(a - b).abs().mean(1))
+
+
+def affinity_loss(feats: torch.Tensor, labels: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
+    """PSA's loss over the pairs within `radius` of the feature grid. feats [B, D, h, w]; labels long
+    [B, h, w] (255 = ignore). {"loss", "bg", "fg", "neg"}; an empty pair set contributes 0."""
+    eps = 1e-5
+    sums = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
+    counts = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
+    for dy, dx in disk_offsets(radius, half=True):
+        fa, fb = shifted_pairs(feats, dy, dx)
+        la, lb = shifted_pairs(labels, dy, dx)
+        if la.numel() == 0:
+            continue
+        aff = pair_affinity(fa.float(), fb.float())
+        valid = (la != IGNORE_INDEX) & (lb != IGNORE_INDEX)
+        same = valid & (la == lb)
+        masks = {"bg": same & (la == 0), "fg": same & (la != 0), "neg": valid & (la != lb)}
+        for k, m in masks.items():
+            m = m.float()
+            term = -torch.log(aff + eps) if k != "neg" else -torch.log(1.0 + eps - aff)
+            sums[k] = sums[k] + (m * term).sum()
+            counts[k] = counts[k] + m.sum()
+    terms = {k: sums[k] / (counts[k] + eps) if torch.is_tensor(sums[k]) else feats.sum() * 0 for k in sums}
+    loss = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2
+    return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+
+
+# ---------------------------------------------------------------------------------------- random walk
+
+
+def transition(feats: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse row-normalised transition matrix of a feature grid [D, h, w]: (idx long [N, M], weights
+    float [N, M]), N = h*w, M = 1 + the disk's offsets (self first). Out-of-grid neighbours point at the
+    cell itself with weight 0. Each +/- offset pair's affinities are computed once, on shifted views of
+    the grid (no gathered copies of the features)."""
+    d, h, w = feats.shape
+    n = h * w
+    half = disk_offsets(radius, half=True)
+    offsets = [(0, 0), *half, *[(-dy, -dx) for dy, dx in half]]
+    col = {o: m for m, o in enumerate(offsets)}
+    grid = torch.arange(n, device=feats.device).view(h, w)
+    idx = grid.reshape(n, 1).repeat(1, len(offsets))
+    wts = torch.zeros((h, w, len(offsets)), dtype=torch.float32, device=feats.device)
+    wts[:, :, 0] = 1.0  # exp(0)^beta
+    f = feats.float()
+    idx = idx.view(h, w, len(offsets))
+    for dy, dx in half:
+        fa, fb = shifted_pairs(f, dy, dx)  # cell p against p + (dy, dx)
+        if fa.numel() == 0:
+            continue
+        a = torch.exp(-(fa - fb).abs().mean(0)).pow(beta)
+        ga, gb = shifted_pairs(grid, dy, dx)
+        y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+        m, mr = col[(dy, dx)], col[(-dy, -dx)]
+        wts[y0:y1, x0:x1, m] = a
+        idx[y0:y1, x0:x1, m] = gb
+        wts[y0 + dy : y1 + dy, x0 + dx : x1 + dx, mr] = a  # the same pair seen from the other end
+        idx[y0 + dy : y1 + dy, x0 + dx : x1 + dx, mr] = ga
+    idx, wts = idx.reshape(n, -1), wts.reshape(n, -1)
+    return idx, wts / wts.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def propagate(maps: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` applications of T to maps [K, N]: v_i <- sum_m wts[i, m] v[idx[i, m]]."""
+    v = maps.float()
+    if v.device.type in ("cpu", "cuda"):  # a CSR matrix times [N, K]: ~10x the gather below
+        n, m = idx.shape
+        order = idx.argsort(1)  # CSR wants sorted columns within a row
+        crow = torch.arange(0, n * m + 1, m, device=idx.device)
+        with warnings.catch_warnings():  # "beta state" / "invariant checks disabled": built valid here
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.sparse_csr_tensor(crow, idx.gather(1, order).reshape(-1), wts.gather(1, order).reshape(-1),
+                                        (n, n), check_invariants=False)
+        x = v.T.contiguous()
+        for _ in range(steps):
+            x = t @ x
+        return x.T.contiguous()
+    for _ in range(steps):
+        v = (v[:, idx] * wts).sum(-1)
+    return v
+
+
+def random_walk(feats: torch.Tensor, seeds: torch.Tensor, radius: int = 5, beta: float = 8.0, logt: int = 6) -> torch.Tensor:
+    """Seed maps [K, h, w] propagated 2^logt steps over the affinity graph of feats [D, h, w]."""
+    k, h, w = seeds.shape
+    if feats.shape[-2:] != (h, w):
+        raise ValueError(f"feature grid {tuple(feats.shape[-2:])} and seed grid {(h, w)} differ")
+    idx, wts = transition(feats, radius, beta)
+    return propagate(seeds.reshape(k, h * w).to(wts.device), idx, wts, 2 ** int(logt)).reshape(k, h, w)
+
+
+def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
+    """A refined mask uint8 [H, W]: the foreground seed maps probs[1:] ([K, H, W], max-normalised) pooled to
+    the feature grid, walked, upsampled, max-normalised, against the background (`cfg.bg_alpha` > 0:
+    (1 - max fg)^alpha walked with them; else the constant `cfg.bg_threshold`)."""
+    h, w = feats.shape[-2:]
+    fg = F.adaptive_avg_pool2d(probs[1:].float()[None], (h, w))[0]
+    lut = torch.tensor(classes, dtype=torch.uint8)
+    if fg.shape[0] == 0:
+        return np.zeros(tuple(out_size), np.uint8)
+    if cfg.bg_alpha > 0:
+        fg = torch.cat([(1 - fg.amax(0, keepdim=True)).clamp_min(0).pow(cfg.bg_alpha), fg])
+    walked = random_walk(feats, fg.to(feats.device), cfg.radius, cfg.beta, cfg.logt)
+    up = F.interpolate(walked[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0].cpu()
+    if cfg.bg_alpha > 0:
+        return lut[up.argmax(0)].numpy()
+    up = up / up.flatten(1).amax(1).clamp_min(1e-5).view(-1, 1, 1)
+    scores = torch.cat([torch.full_like(up[:1], float(cfg.bg_threshold)), up])
+    return lut[scores.argmax(0)].numpy()
+
+
+# ----------------------------------------------------------------------------------- confident labels
+
+
+def background(fg: np.ndarray, alpha: float) -> np.ndarray:
+    """(1 - max_c fg)^alpha [1, H, W] for max-normalised foreground maps [C, H, W] (1 where C = 0)."""
+    top = fg.max(0, keepdims=True) if len(fg) else np.zeros((1, *fg.shape[1:]), np.float32)
+    return np.clip(1.0 - top, 0.0, None) ** alpha
+
+
+def confident_labels(rgb: np.ndarray, probs: np.ndarray, classes, alphas, crf_cfg=None, crf: bool = True) -> np.ndarray:
+    """uint8 [H, W] class ids: the CRF labelings with background alphas[0] and alphas[1] where they agree,
+    255 where they disagree. probs [K, H, W]: saved seed maps (channel 0 is replaced), classes: their ids.
+    `crf=False`: plain argmax of each (tests, or without pydensecrf)."""
+    lut = np.asarray(classes, dtype=np.uint8)
+    fg = np.asarray(probs[1:], dtype=np.float32)
+    labelings = []
+    for alpha in alphas:
+        scores = np.concatenate([background(fg, float(alpha)), fg]).astype(np.float32)
+        if crf:
+            from wsss.postprocess.crf import refine as crf_refine
+
+            idx = crf_refine(np.ascontiguousarray(rgb, dtype=np.uint8), scores, crf_cfg)
+        else:
+            idx = scores.argmax(0)
+        labelings.append(lut[idx])
+    out = labelings[0].copy()
+    for other in labelings[1:]:
+        out[out != other] = IGNORE_INDEX
+    return out
+
+
+def load_maps(path: Path) -> tuple[list[int], np.ndarray]:
+    """(classes, probs float32 [K, H, W]) from a `--save-maps` file; DataError naming it when unreadable."""
+    try:
+        with np.load(path) as z:
+            probs, classes = z["probs"].astype(np.float32), [int(c) for c in z["classes"]]
+    except FileNotFoundError:
+        raise DataError(f"{path}: seed maps not found (make them with `wsss pseudo-label ... --save-maps`)") from None
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"{path}: cannot read seed maps ({e})") from None
+    if probs.ndim != 3 or probs.shape[0] != len(classes):
+        raise DataError(f"{path}: probs {probs.shape} do not match {len(classes)} classes")
+    return classes, probs
+
+
+# --------------------------------------------------------------------------------------------- refine
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ConfigError(f"{path.parent}: holds masks made with other settings ({', '.join(diff)} differ); "
+                              "choose another --out or delete the folder")
+    else:
+        atomic_write_json(path, settings)
+
+
+def _trained(run: Path, epochs: int) -> bool:
+    from wsss.io import load_checkpoint
+
+    last = run / "last.pt"
+    return last.is_file() and int(load_checkpoint(last).get("epoch", -1)) >= epochs
+
+
+def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str = "auto", skip_bad: bool = False,
+           progress: bool = True) -> dict:
+    """`wsss refine`: confident labels for the split's images into RUN/labels/, AffinityNet trained on
+    them into RUN (the engine trainer; skipped once RUN/last.pt holds the last epoch), then the random walk
+    of each image's seeds into OUT/<id>.png. Resumable at every stage: finished label PNGs, a finished
+    training and finished masks are not redone. With masks, OUT/summary.json holds the mIoU."""
+    from wsss.data import open_dataset
+    from wsss.engine.inference import _metrics, _tensor, eval_transform, resolve_device
+    from wsss.engine.trainer import train
+    from wsss.evaluation.metrics import ConfusionMatrix
+    from wsss.segment.train import PseudoMaskDataset
+
+    t0 = time.time()
+    if cfg.method.name != "affinity":
+        raise ConfigError(f"method.name: `wsss refine` trains an AffinityNet (affinity), got {cfg.method.name!r}")
+    a = cfg.method
+    run, seeds, out = Path(run_dir), Path(seeds_dir), Path(out_dir)
+    if not seeds.is_dir():
+        raise DataError(f"{seeds}: seed folder not found (make it with `wsss pseudo-label ... --save-maps`)")
+    cfg.data.root, cfg.data.train_split, cfg.data.val_split = str(data_root), split, ""
+    cfg.data.skip_bad = bool(skip_bad)
+    ds = open_dataset(data_root, split, cfg.data.format, cfg.data.tags_file, strict=not skip_bad)
+    skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
+
+    def bad(e: DataError) -> None:
+        if not skip_bad:
+            raise e
+        msg = " ".join(str(e).split())
+        print(f"warning: skipped {msg}", file=sys.stderr)
+        skipped.append(msg)
+
+    # 1. confident labels (for every image with seeds)
+    labels = run / "labels"
+    train_ids = []
+    for i, id_ in enumerate(ds.ids):
+        path = labels / f"{id_}.png"
+        if path.is_file():
+            train_ids.append(i)
+            continue
+        try:
+            classes, probs = load_maps(seeds / "maps" / f"{id_}.npz")
+            rgb = np.array(ds.load_image(i), dtype=np.uint8)
+            if rgb.shape[:2] != probs.shape[1:]:
+                raise DataError(f"{seeds / 'maps' / (id_ + '.npz')}: maps are {probs.shape[2]}x{probs.shape[1]}, "
+                                f"the image {rgb.shape[1]}x{rgb.shape[0]}")
+        except DataError as e:
+            bad(e)
+            continue
+        write_mask(path, confident_labels(rgb, probs, classes, a.alphas, cfg.infer.crf, crf=a.crf))
+        train_ids.append(i)
+    if not train_ids:
+        raise DataError(f"{seeds}: no usable seed maps for split {split!r}")
+
+    # 2. AffinityNet
+    if not _trained(run, cfg.train.epochs):
+        sub = PseudoMaskDataset(_Subset(ds, train_ids), labels)
+        train(cfg, run, resume=True, progress=progress, train_dataset=sub)
+    from wsss.engine.inference import load_run
+
+    _, net, _ = load_run(run, device=device)
+
+    # 3. random walk
+    settings = {"run": str(run.resolve()), "seeds": str(seeds.resolve()), "split": split,
+                "method": dataclasses.asdict(a)}
+    _check_settings(out / "refine.json", settings)
+    tf = eval_transform(cfg)
+    cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
+    computed = 0
+    dev = resolve_device(device)
+    for i, id_ in enumerate(ds.ids):
+        path = out / f"{id_}.png"
+        try:
+            gt = ds.load_mask(i) if cm is not None else None
+            if path.is_file():
+                pred = read_mask(path)
+            else:
+                classes, probs = load_maps(seeds / "maps" / f"{id_}.npz")
+                sample = ds[i]
+                x = tf(sample, ds.num_classes)["image"].to(dev)
+                with torch.no_grad():
+                    feats = net.embed(x[None])[0]
+                pred = walk_mask(feats, classes, torch.from_numpy(probs), a, probs.shape[1:])
+                write_mask(path, pred)
+                computed += 1
+        except DataError as e:
+            bad(e)
+            continue
+        if cm is not None and gt is not None:
+            cm.update(_tensor(pred), _tensor(gt))
+    result = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out)}
+    if skipped:
+        result["skipped"] = skipped
+    if cm is not None:
+        summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split,
+                   **({"skipped": skipped} if skipped else {})}
+        atomic_write_json(out / "summary.json", summary)
+        result.update(summary)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result
+
+
+class _Subset(SegmentationDataset):
+    """`base` restricted to some indices (the images that have seeds); module level, so it pickles."""
+
+    def __init__(self, base, indices):
+        self.base, self.indices = base, list(indices)
+        self.root, self.split = getattr(base, "root", ""), getattr(base, "split", "")
+        self.class_names = base.class_names
+        self.ids = [base.ids[i] for i in self.indices]
+
+    @property
+    def has_masks(self):
+        return self.base.has_masks
+
+    def image_path(self, k):
+        return self.base.image_path(self.indices[k])
+
+    def load_image(self, k):
+        return self.base.load_image(self.indices[k])
+
+    def load_mask(self, k):
+        return self.base.load_mask(self.indices[k])
+
+    def tags(self, k):
+        return self.base.tags(self.indices[k])

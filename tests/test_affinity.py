@@ -1,0 +1,201 @@
+"""Seed refinement by learned affinity: confident labels, pair loss, sparse random walk, `wsss refine`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fakes import make_cfg, make_voc
+from wsss.config import config_from_dict, load_config
+from wsss.engine.inference import pseudo_label
+from wsss.engine.trainer import train
+from wsss.io import IGNORE_INDEX, read_mask
+from wsss.methods.affinity import AffinityConfig
+from wsss.postprocess.affinity import (
+    affinity_loss,
+    confident_labels,
+    disk_offsets,
+    propagate,
+    random_walk,
+    refine,
+    transition,
+    walk_mask,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------ random walk
+
+
+def _two_regions(h=6, w=10):
+    """Features: left half one vector, right half a far one (affinity ~ 0 across)."""
+    f = torch.zeros(4, h, w)
+    f[:, :, w // 2 :] = 10.0
+    return f
+
+
+def test_disk_offsets():
+    full, half = disk_offsets(5), disk_offsets(5, half=True)
+    assert (0, 0) not in full and all(dy * dy + dx * dx < 25 for dy, dx in full)
+    assert len(full) == 2 * len(half)
+    assert set(full) == set(half) | {(-dy, -dx) for dy, dx in half}
+
+
+def test_transition_is_sparse_and_row_stochastic():
+    idx, wts = transition(_two_regions(), radius=3, beta=8)
+    assert idx.shape == (60, 1 + len(disk_offsets(3))) and wts.shape == idx.shape
+    assert torch.allclose(wts.sum(1), torch.ones(60))
+    assert wts.min() >= 0
+
+
+def test_transition_and_propagate_match_dense_matrices():
+    g = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    idx, wts = transition(g, radius=3, beta=2.0)
+    flat = g.reshape(3, -1)
+    dense = torch.exp(-(flat[:, :, None] - flat[:, None, :]).abs().mean(0)) ** 2
+    ys, xs = torch.meshgrid(torch.arange(5), torch.arange(7), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    near = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < 9
+    dense = dense * near
+    dense = dense / dense.sum(1, keepdim=True)
+    sparse = torch.zeros(35, 35).scatter_add_(1, idx, wts)
+    assert torch.allclose(sparse, dense, atol=1e-6)
+    v = torch.rand(2, 35, generator=torch.Generator().manual_seed(1))
+    want = (torch.linalg.matrix_power(dense.double(), 8) @ v.double().T).T
+    assert torch.allclose(propagate(v, idx, wts, 8).double(), want, atol=1e-5)
+
+
+def test_random_walk_components_stay_apart_and_seed_spreads():
+    f = _two_regions()
+    seeds = torch.zeros(2, 6, 10)
+    seeds[0, 2, 1] = 1.0  # one pixel of the left component
+    seeds[1, 3, 8] = 1.0  # one of the right
+    out = random_walk(f, seeds, radius=3, beta=8, logt=6)
+    left, right = out[:, :, :5], out[:, :, 5:]
+    assert right[0].max() < 1e-6 and left[1].max() < 1e-6  # nothing leaks across
+    assert (left[0] > 0).all() and (right[1] > 0).all()  # each seed reaches its whole component
+    assert left[0].std() < left[0].mean()  # and nearly evenly after 64 steps
+
+
+def test_walk_mask_threshold_and_alpha():
+    f = _two_regions()
+    probs = torch.zeros(2, 12, 20)  # one foreground class, a blob in the right half (full resolution)
+    probs[0] = 1.0
+    probs[1, 2:10, 12:20] = 1.0  # most of the right component: the walk averages it over the component
+    for cfg in (AffinityConfig(radius=3, bg_threshold=0.3), AffinityConfig(radius=3, bg_alpha=4.0)):
+        mask = walk_mask(f, [0, 7], probs, cfg, (12, 20))
+        assert mask.dtype == np.uint8 and mask.shape == (12, 20)
+        assert (mask[:, 11:] == 7).all() and (mask[:, :9] == 0).all()  # filled to the right component
+
+
+# ------------------------------------------------------------------------------------ confident labels
+
+
+def test_confident_labels_two_alphas_disagreement_ignored():
+    fg = np.array([[[0.9, 0.5, 0.1]]], np.float32)  # one class, three pixels: sure, unsure, background
+    probs = np.concatenate([np.zeros_like(fg), fg])
+    rgb = np.zeros((1, 3, 3), np.uint8)
+    # alpha 1: bg = 0.1, 0.5, 0.9 -> fg, tie (bg wins argmax), bg; alpha 12: bg ~ 0, ~0, 0.28 -> fg, fg, bg
+    out = confident_labels(rgb, probs, [0, 5], [1.0, 12.0], crf=False)
+    assert out.tolist() == [[5, IGNORE_INDEX, 0]]
+    with_crf = pytest.importorskip("pydensecrf.densecrf") and confident_labels(rgb, probs, [0, 5], [1.0, 12.0])
+    assert with_crf.shape == (1, 3) and set(with_crf.ravel()) <= {0, 5, IGNORE_INDEX}
+
+
+def test_affinity_loss_counts_pairs_separately():
+    labels = torch.tensor([[[0, 0, 1, 1, IGNORE_INDEX]]])
+    same = torch.zeros(1, 2, 1, 5)  # all features equal: positives cost 0, negatives a lot
+    res = affinity_loss(same, labels, radius=2)
+    assert res["bg"] < 1e-4 and res["fg"] < 1e-4 and res["neg"] > 5
+    apart = torch.zeros(1, 2, 1, 5)
+    apart[:, :, :, 2:] = 20.0  # class 1 far from class 0
+    res = affinity_loss(apart.requires_grad_(), labels, radius=2)
+    assert res["loss"] < 1e-3
+    res["loss"].backward()  # differentiable
+
+
+def test_psa_preset_loads():
+    cfg = load_config("voc/psa_resnet38")  # the model is not built: resnet38d may not be in the factory yet
+    assert cfg.method.name == "affinity" and cfg.model.backbone.name == "resnet38d"
+    assert cfg.train.batch_size == 8 and cfg.data.crop_size == 448 and cfg.method.radius == 5
+    assert load_config("demo/affinity").method.beta == 8.0
+
+
+# ------------------------------------------------------------------------------------------- refine
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    voc = make_voc(tmp_path_factory.mktemp("voc"), n_train=4, n_val=2)
+    run = tmp_path_factory.mktemp("cam")
+    cfg = make_cfg(voc, epochs=1, method={"has_background": False})
+    train(cfg, run, progress=False)
+    out = tmp_path_factory.mktemp("seeds")
+    pseudo_label(run, voc, "train", out, save_maps=True, progress=False)
+    return voc, out
+
+
+def _aff_cfg(voc):
+    return config_from_dict({
+        "data": {"root": str(voc), "format": "voc", "crop_size": 32, "num_workers": 0},
+        "model": {"backbone": {"name": "mobilenetv2_imagenet", "pretrained": False, "output_stride": 8}},
+        "method": {"name": "affinity", "dim": 16, "radius": 3, "alphas": [1.0, 12.0], "crf": False},
+        "train": {"epochs": 1, "batch_size": 2, "optimizer": "sgd", "lr": 0.01, "scheduler": "poly",
+                  "val_every": 0, "amp": "off"},
+        "infer": {"scales": [1.0]},
+    })
+
+
+def test_refine_end_to_end_and_resume(seeds, tmp_path):
+    voc, seed_dir = seeds
+    run, out = tmp_path / "aff", tmp_path / "refined"
+    res = refine(_aff_cfg(voc), run, seed_dir, voc, "train", out, device="cpu", progress=False)
+    assert res["computed"] == 4 and 0 <= res["miou"] <= 1
+    assert sorted(p.name for p in (run / "labels").glob("*.png")) == [f"tr{i:02d}.png" for i in range(4)]
+    assert (run / "last.pt").is_file()
+    for i in range(4):
+        mask, gt = read_mask(out / f"tr{i:02d}.png"), read_mask(voc / "SegmentationClass" / f"tr{i:02d}.png")
+        assert mask.shape == gt.shape and set(np.unique(mask)) <= {0, 1, 2}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    (out / "tr01.png").unlink()
+    res2 = refine(_aff_cfg(voc), run, seed_dir, voc, "train", out, device="cpu", progress=False)
+    assert res2["computed"] == 1 and res2["miou"] == pytest.approx(res["miou"])  # trained once, mask redone
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert all(after[k] == v for k, v in before.items() if k != "tr01.png")
+    assert json.loads((out / "summary.json").read_text())["num_images"] == 4
+
+
+def test_refine_skip_bad_and_cli(seeds, tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    voc, seed_dir = seeds
+    bad = tmp_path / "seeds"
+    (bad / "maps").mkdir(parents=True)
+    for p in (seed_dir / "maps").glob("*.npz"):
+        (bad / "maps" / p.name).write_bytes(p.read_bytes())
+    (bad / "maps" / "tr02.npz").write_bytes(b"not a npz")
+    cfg = _aff_cfg(voc)
+    with pytest.raises(Exception, match="tr02.npz"):
+        refine(cfg, tmp_path / "a", bad, voc, "train", tmp_path / "o", device="cpu", progress=False)
+    run = tmp_path / "b"
+    code, out, err = run_cli(
+        monkeypatch, capsys, "refine", run, "--seeds", bad, "--data", voc, "--split", "train",
+        "--out", tmp_path / "o2", "--config", "demo/affinity", "--device", "cpu", "--skip-bad",
+        "-o", "model.backbone.pretrained=false", "-o", "data.crop_size=32", "-o", "data.num_workers=0",
+        "-o", "method.dim=16", "-o", "method.radius=3", "-o", "method.crf=false", "-o", "train.epochs=1",
+        "-o", "train.batch_size=2", "-o", "model.backbone.output_stride=8",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["computed"] == 3 and any("tr02.npz" in s for s in summary["skipped"])
+    assert not (tmp_path / "o2" / "tr02.png").exists()
