@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from engine_fakes import make_cfg, make_voc
-from wsss.config import config_from_dict, load_config
+from wsss.config import CRFConfig, config_from_dict, load_config, save_config
 from wsss.engine.inference import pseudo_label
 from wsss.engine.trainer import train
+from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX, read_mask
 from wsss.methods.affinity import AffinityConfig
 from wsss.postprocess.affinity import (
@@ -22,7 +24,9 @@ from wsss.postprocess.affinity import (
     random_walk,
     refine,
     transition,
+    walk_maps,
     walk_mask,
+    walk_to_mask,
 )
 
 
@@ -96,6 +100,14 @@ def test_walk_mask_threshold_and_alpha():
         mask = walk_mask(f, [0, 7], probs, cfg, (12, 20))
         assert mask.dtype == np.uint8 and mask.shape == (12, 20)
         assert (mask[:, 11:] == 7).all() and (mask[:, :9] == 0).all()  # filled to the right component
+    # through the dense CRF instead of the argmax: an image whose halves differ keeps the split
+    rgb = np.zeros((12, 20, 3), np.uint8)
+    rgb[:, 10:] = 200
+    cfg = AffinityConfig(radius=3, bg_threshold=0.3)
+    walked = walk_maps(f, probs, cfg)
+    plain = walk_to_mask(walked, [0, 7], cfg, (12, 20))
+    assert (walk_to_mask(walked, [0, 7], cfg, (12, 20), rgb=rgb, crf_cfg=CRFConfig(backend="torch")) == plain).all()
+    assert (walk_to_mask(walked, [0, 7], cfg, (12, 20), bg_threshold=0.99) == 0).all()  # the threshold given wins
 
 
 # ------------------------------------------------------------------------------------ confident labels
@@ -160,19 +172,43 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     voc, seed_dir = seeds
     run, out = tmp_path / "aff", tmp_path / "refined"
     res = refine(_aff_cfg(voc), run, seed_dir, voc, "train", out, device="cpu", progress=False)
-    assert res["computed"] == 4 and 0 <= res["miou"] <= 1
+    assert res["computed"] == 4 and res["written"] == 4 and 0 <= res["miou"] <= 1
+    assert res["protocol"]["stage"] == "refined" and res["protocol"]["bg_threshold"] == 0.39
     assert sorted(p.name for p in (run / "labels").glob("*.png")) == [f"tr{i:02d}.png" for i in range(4)]
-    assert (run / "last.pt").is_file()
+    assert (run / "last.pt").is_file() and len(list((out / "walk").glob("*.npz"))) == 4
     for i in range(4):
         mask, gt = read_mask(out / f"tr{i:02d}.png"), read_mask(voc / "SegmentationClass" / f"tr{i:02d}.png")
         assert mask.shape == gt.shape and set(np.unique(mask)) <= {0, 1, 2}
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     (out / "tr01.png").unlink()
     res2 = refine(_aff_cfg(voc), run, seed_dir, voc, "train", out, device="cpu", progress=False)
-    assert res2["computed"] == 1 and res2["miou"] == pytest.approx(res["miou"])  # trained once, mask redone
+    assert res2["computed"] == 0 and res2["written"] == 1  # trained once, walked once: the mask redone from its walk
+    assert res2["miou"] == pytest.approx(res["miou"])
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert all(after[k] == v for k, v in before.items() if k != "tr01.png")
     assert json.loads((out / "summary.json").read_text())["num_images"] == 4
+
+    # another threshold into the same folder is refused (masks of two settings never mix); a sweep on the
+    # split's masks picks the best threshold from the cached walks, without walking again
+    cfg = _aff_cfg(voc)
+    cfg.method.bg_threshold = 0.2
+    with pytest.raises(ConfigError, match="bg_threshold"):
+        refine(cfg, run, seed_dir, voc, "train", out, device="cpu", progress=False)
+    swept = tmp_path / "swept"
+    shutil.copytree(out / "walk", swept / "walk")
+    shutil.copy(out / "walk.json", swept / "walk.json")
+    res3 = refine(_aff_cfg(voc), run, seed_dir, voc, "train", swept, device="cpu", progress=False,
+                  sweep_thresholds=[0.05, 0.2, 0.39, 0.6])
+    assert res3["computed"] == 0 and res3["written"] == 4
+    table = json.loads((swept / "sweep.json").read_text())
+    assert res3["bg_threshold"] == table["best_threshold"] and res3["miou"] == pytest.approx(max(table["sweep"].values()))
+    assert res3["protocol"]["bg_threshold_chosen"] == "swept on train"
+
+    # the labels belong to the seeds they came from
+    other = tmp_path / "other_seeds"
+    shutil.copytree(seed_dir, other)
+    with pytest.raises(ConfigError, match="confident labels"):
+        refine(_aff_cfg(voc), run, other, voc, "train", tmp_path / "o3", device="cpu", progress=False)
 
 
 def test_refine_skip_bad_and_cli(seeds, tmp_path, monkeypatch, capsys):
@@ -199,3 +235,61 @@ def test_refine_skip_bad_and_cli(seeds, tmp_path, monkeypatch, capsys):
     summary = json.loads(out)
     assert summary["computed"] == 3 and any("tr02.npz" in s for s in summary["skipped"])
     assert not (tmp_path / "o2" / "tr02.png").exists()
+
+
+@pytest.mark.slow
+def test_kill_during_refine_then_rerun_is_identical(seeds, tmp_path, monkeypatch, capsys):
+    """kill -9 while AffinityNet trains (after its first epoch's checkpoint), rerun: the same masks,
+    byte for byte, as an uninterrupted run (the trainer resumes exactly; labels, walks, masks are files)."""
+    from conftest import run_cli
+    from test_reliability import kill_when
+
+    voc, seed_dir = seeds
+    cfg = _aff_cfg(voc)
+    cfg.train.epochs = 4
+    cfg_file = tmp_path / "aff.yaml"
+    save_config(cfg, cfg_file)
+
+    def args(name):
+        return ["refine", tmp_path / f"run_{name}", "--seeds", seed_dir, "--data", voc, "--split", "train",
+                "--out", tmp_path / f"out_{name}", "--config", cfg_file, "--device", "cpu"]
+
+    killed = tmp_path / "run_killed"
+    kill_when(args("killed"), lambda: (killed / "last.pt").is_file(), tmp_path / "refine.log")
+    assert len(list((tmp_path / "out_killed").glob("*.png"))) < 4  # killed mid-run
+    for name in ("killed", "clean"):
+        code, out, err = run_cli(monkeypatch, capsys, *args(name))
+        assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "out_clean").glob("*.png"))
+    assert len(names) == 4 and names == sorted(p.name for p in (tmp_path / "out_killed").glob("*.png"))
+    for name in [*names, "summary.json"]:
+        assert (tmp_path / "out_clean" / name).read_bytes() == (tmp_path / "out_killed" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_wsss_run_with_refine(tmp_path, monkeypatch, capsys):
+    """`wsss run --refine`: seeds with maps -> AffinityNet + walk (threshold swept on train) -> stage 2 on
+    the refined masks; the report shows them."""
+    from conftest import run_cli
+    from wsss.pipeline import STAGE_MARKER
+
+    voc = make_voc(tmp_path / "voc")
+    aff = _aff_cfg(voc)
+    save_config(aff, tmp_path / "aff.yaml")
+    tiny = ["data.crop_size=32", "data.num_workers=0", "train.batch_size=4", "train.trainable_blocks=2",
+            "train.epochs=1", "train.freeze_backbone_epochs=0", "infer.crf.workers=0", "infer.scales=[1.0]",
+            "infer.size=64", "train.amp=off"]
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "run", "demo/tkp_pcl", "--data", voc, "--out", out, "--refine",
+                           "--refine-config", tmp_path / "aff.yaml", *[a for o in tiny for a in ("-o", o)])
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["pseudo_train_refined_miou"] <= 1
+    proto = summary["protocols"]["pseudo_train_refined"]
+    assert proto["stage"] == "refined" and proto["bg_threshold_chosen"] == "swept on train"
+    assert proto["crf"] == "psa"  # the chain's --crf (default) applies to the walked scores too
+    assert {"seeds_maps", "pseudo_train_refined", "segment"} <= set(summary["redone"])
+    seg = json.loads((out / "segment" / STAGE_MARKER).read_text())["result"]
+    assert seg["pseudo_dir"] == str(out / "refine" / "train")  # stage 2 trained on the refined masks
+    assert len(list((out / "pseudo" / "train_maps" / "maps").glob("*.npz"))) == 8
+    assert "Refined masks" in (out / "run" / "report.html").read_text()

@@ -131,3 +131,18 @@ def test_ablation_segment_suite_tables_train_miou_and_needs_pseudo_masks(bench, 
     with pytest.raises(SystemExit):  # a clear usage error before any data is made or run trained
         ablation.main()
     assert not any(tmp_path.iterdir())
+
+
+def test_usage_cnn_premise_rows_and_table(bench, tmp_path, capsys):
+    # issue 19's script at its tiniest: a GAP row and a bounded negative-tau row, then the table
+    mod = bench("usage_cnn_premise")
+    mod.main(["e1", "--tiny", "--work", str(tmp_path), "--epochs", "1", "--taus", "-4", "inf", "--modes", "scaled"])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["extra"] for r in rows] == ["method.tau=-4.0 method.tau_mode=scaled", "method.tau=inf method.tau_mode=plain"]
+    for r in rows:
+        assert 0 <= r["val_miou"] <= 1 and 0 <= r["val_fg_fraction"] <= 1 and r["best_threshold"] in mod.THRESHOLDS
+        assert 0 <= r["train_recall_lt_precision"] <= 1 and r["protocol"]["split"] == "val"
+    assert rows[1]["alpha_entropy"] == 1.0 and 0 < rows[0]["alpha_entropy"] <= 1  # GAP's weights are uniform
+    capsys.readouterr()
+    mod.main(["table", "--work", str(tmp_path)])
+    assert "| e1 | small_os8 | tuning | method.tau=-4.0 method.tau_mode=scaled |" in capsys.readouterr().out

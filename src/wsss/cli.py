@@ -68,14 +68,24 @@ def run_all(
     seeds: Annotated[int, typer.Option(help="Train with this many seeds (train.seed, +1, ...): mean +- sd.")] = 1,
     crf: Annotated[bool, typer.Option(help="Dense CRF on the pseudo masks and predictions.")] = True,
     segment: Annotated[bool, typer.Option(help="Train the stage-2 segmentation network.")] = True,
-    segment_config: Annotated[str, typer.Option(help="Stage-2 config or preset.")] = "demo/segment",
+    segment_config: Annotated[
+        str | None, typer.Option(help="Stage-2 config or preset (default: the config's pipeline.segment).")
+    ] = None,
+    refine: Annotated[
+        bool, typer.Option(help="Refine the train seeds with AffinityNet + random walk (PSA) before stage 2.")
+    ] = False,
+    refine_config: Annotated[
+        str | None,
+        typer.Option(help="AffinityNet config or preset (default: the config's pipeline.refine, else demo/affinity)."),
+    ] = None,
 ) -> None:
-    """Tags to a trained segmenter in one command: train, pseudo masks (+ CRF), stage 2, predictions and
-    evaluation on val, the report; resumable stage by stage, every number with its protocol."""
+    """Tags to a trained segmenter in one command: train, pseudo masks (+ CRF), [--refine: seeds refined by
+    a learned affinity], stage 2, predictions and evaluation on val, the report; resumable stage by stage,
+    every number with its protocol."""
     from wsss.pipeline import run_pipeline
 
     run_pipeline(config, data, out, overrides, seeds=seeds, crf=crf, segment=segment,
-                 segment_config=segment_config)
+                 segment_config=segment_config, refine=refine, refine_config=refine_config)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -87,12 +97,45 @@ def data_make_demo(
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bytes.")] = 0,
     num_train: Annotated[int | None, typer.Option(help="Training images (default: the demo's).")] = None,
     num_val: Annotated[int | None, typer.Option(help="Validation images (default: the demo's).")] = None,
+    size: Annotated[str | None, typer.Option(
+        help="Image side in px, N or MIN-MAX drawn per image, 96-1024 (default: 200-256).")] = None,
+    variant: Annotated[str, typer.Option(
+        help="demo: the embedded benchmark (what `wsss demo` uses); hard: ten MNIST digit classes of many "
+             "instances, each in its own stroke / fill / shear, 1-3 objects of 0.25-0.6 of the side, "
+             "4 distractors. The options below override the variant's values.")] = "demo",
+    source: Annotated[str | None, typer.Option(
+        help="Objects: demo (digits 3 / 7, coins, horse, cup, retina) or mnist (ten digits, ~500 "
+             "instances a class, split by instance between train and val).")] = None,
+    object_scale: Annotated[str | None, typer.Option(
+        help="An object's longest side as a fraction of the image's short side, F or MIN-MAX, within "
+             "0.05-0.9 (default: the demo's fixed 60-180 px).")] = None,
+    objects: Annotated[str | None, typer.Option(
+        help="Objects an image, N or MIN-MAX, within 1-8 (default: 1 / 2 / 3 at 40 / 35 / 25%).")] = None,
+    overlap: Annotated[bool | None, typer.Option(
+        "--overlap/--no-overlap", help="Let objects cover up to 40% of earlier ones (default) or keep them apart.")] = None,
+    clutter: Annotated[int | None, typer.Option(
+        help="Distractor shapes and strokes an image, coloured like the objects, labelled background (0-20).")] = None,
 ) -> None:
-    """Build the embedded benchmark: real objects pasted on real photos, with exact masks."""
+    """Build the embedded benchmark, or another member of its family: real objects pasted on real photos,
+    with exact masks. With no option it is the demo's data, byte for byte."""
     from wsss.data.demo import make_demo
 
-    sizes = {k: v for k, v in (("num_train", num_train), ("num_val", num_val)) if v is not None}
-    summary = make_demo(out, seed=seed, **sizes)
+    kwargs: dict = {k: v for k, v in (("num_train", num_train), ("num_val", num_val)) if v is not None}
+    family = {"source": source, "object_scale": object_scale, "objects": objects, "overlap": overlap,
+              "clutter": clutter}
+    try:
+        if size is not None:
+            sides = [int(v) for v in size.replace(",", "-").split("-") if v.strip()]
+            if len(sides) not in (1, 2):
+                raise ValueError
+            kwargs["size"] = sides[0] if len(sides) == 1 else (sides[0], sides[1])
+    except ValueError:
+        raise ConfigError(f"make-demo --size: expected N or MIN-MAX in px, got {size!r}") from None
+    try:
+        summary = make_demo(out, seed=seed, variant=variant, **kwargs,
+                            **{k: v for k, v in family.items() if v is not None})
+    except ValueError as e:
+        raise ConfigError(f"make-demo: {e}") from None
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -231,6 +274,12 @@ def refine(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable images and seed maps, listed in the summary, instead of stopping.")
     ] = False,
+    sweep_threshold: Annotated[
+        str | None,
+        typer.Option(help="start:stop:step: choose the background threshold on SPLIT's masks (PSA: on train) "
+                     "instead of method.bg_threshold; OUT/sweep.json lists them."),
+    ] = None,
+    crf: Annotated[bool, typer.Option(help="Dense CRF (infer.crf) on the walked scores, after the threshold.")] = False,
 ) -> None:
     """Refine seeds with a learned affinity (PSA): confident labels, AffinityNet in RUN, random walk
     (resumable: finished files are skipped)."""
@@ -239,7 +288,9 @@ def refine(
     if config is None:
         config = str(run / "config.yaml") if (run / "config.yaml").is_file() else "demo/affinity"
     cfg = load_config(config, overrides)
-    summary = run_refine(cfg, run, seeds, data, split, out, device=device, skip_bad=skip_bad)
+    sweep = _parse_range(sweep_threshold) if sweep_threshold else None
+    summary = run_refine(cfg, run, seeds, data, split, out, device=device, skip_bad=skip_bad, sweep_thresholds=sweep,
+                         crf=crf)
     typer.echo(json.dumps(_brief(summary), indent=2, default=str))
 
 

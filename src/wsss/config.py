@@ -38,8 +38,15 @@ class DataConfig:
     tags_file: str = ""  # folder format: CSV or JSON of tags (default: <root>/tags.csv or tags.json)
     crop_size: int = 224
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random resize before the crop
+    # short: the short side becomes s * crop_size (aspect kept), then a crop_size crop; square: the whole
+    # image is resized to (s * crop_size) squared (aspect not kept), so s = 1 is the whole image, no crop
+    resize: str = "short"
     hflip: bool = True
+    vflip: bool = False  # vertical flip, p = 0.5
+    transpose: bool = False  # swap height and width (a 90-degree rotation up to a flip), p = 0.5
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
+    hue: float = 0.0  # colour jitter's hue shift, at most this (0-0.5), 0 = off
+    grey_p: float = 0.0  # probability of turning the image grey (after the jitter), 0 = off
     # Unset: the backbone's own normalisation (timm pretrained_cfg; ImageNet for the offline names), filled
     # in when the Config is built (so the run's config.yaml records it); set in a config: used as given.
     mean: list[float] = field(default_factory=lambda: FromBackbone([0.485, 0.456, 0.406]))
@@ -55,9 +62,13 @@ class BackboneConfig:
     weights: str = ""  # a local weights file, loaded with weights_only=True; wins over `pretrained`
     img_size: int = 224  # ViTs: the size position embeddings are built for (interpolated at other sizes)
     output_stride: int = 16  # CNNs: the last stages are dilated to reach it
-    drop_rate: float = 0.0
+    drop_rate: float = 0.0  # timm's drop_rate: for ViTs the dropout before the (unused) classifier head
     drop_path_rate: float = 0.0
-    dropout: list[float] = field(default_factory=list)  # resnet38d: Dropout2d in b6, b7 ([]: 0.3, 0.5)
+    # Dropout inside the backbone's blocks; [] = the architecture's own default. A ViT takes one value,
+    # timm's proj_drop_rate (after the attention projection and after each MLP layer: vit_keras's
+    # `dropout`, the original ViT's), default 0; resnet38d one per stage, Dropout2d in b6, b7 (default
+    # 0.3, 0.5). Other backbones have none to set.
+    dropout: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -73,15 +84,25 @@ class TrainConfig:
     optimizer: str = "adamw"  # adam | adamw | sgd
     lr: float = 1e-3  # the head's learning rate
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this
+    # After the frozen epochs (freeze_backbone_epochs > 0): the head's lr becomes this (the backbone's
+    # this * backbone_lr_mult); 0 = train.lr throughout
+    lr_after_freeze: float = 0.0
+    # a fresh optimizer (no moments, step count 0) when the backbone starts training, as a
+    # Keras recompile does (ViT-PCM); the lr schedule keeps running over the whole run
+    reset_optimizer_after_freeze: bool = False
     weight_decay: float = 0.01
     momentum: float = 0.9  # sgd only
     scheduler: str = "cosine"  # cosine | poly | constant
     warmup_epochs: float = 0.0  # linear lr warm-up
+    warmup_lr: float = 0.0  # the warm-up starts from this lr (every group), 0: from 0 (timm's warmup_lr)
+    min_lr: float = 0.0  # cosine / poly decay to this lr (every group) instead of 0 (timm's min_lr)
     freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
     trainable_blocks: int = -1  # after the freeze: train only the last N backbone blocks (-1: all)
     freeze_bn: bool = False  # backbone BatchNorm in eval mode throughout (pretrained statistics, as IRN's
     #                          FixedBatchNorm): batch statistics of 8-16 images are noise, and the step no
     #                          longer depends on how the global batch is split over processes
+    freeze_bn_affine: bool = False  # with freeze_bn: the BatchNorm weight and bias do not train either
+    #                                 (PSA / SEAM: requires_grad False, left out of the optimizer)
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     channels_last: bool = False
     compile: bool = False
@@ -114,10 +135,23 @@ class CRFConfig:
 class InferConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
-    size: int = 0  # resize the short side to this before inference (0: the crop size)
+    size: int = 0  # resize the short side to this before inference (0: the crop size; -1: the image as it is)
+    resize: str = "short"  # short: the short side to `size` (aspect kept); square: the image to size x size
+    # where the kept classes' maps are normalised: full (each divided by its max after upsampling to the
+    # image) | grid (ViT-PCM: at the feature grid, each pass's kept classes divided by their max, then
+    # by their sum over classes, then upsampled and averaged)
+    normalise: str = "full"
     bg_threshold: float = 0.3  # methods without a background class: background score
     bg_alpha: float = 0.0  # > 0: background = (1 - max_c A_c) ** alpha instead of the threshold
     crf: CRFConfig = field(default_factory=CRFConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """What `wsss run` chains after stage 1: the stage-1 preset names its downstream presets, so a VOC
+    recipe is followed by the VOC stage 2 and a demo preset by the demo's."""
+    segment: str = "demo/segment"  # the stage-2 config or preset trained on the train pseudo masks
+    refine: str = ""  # an AffinityNet config or preset that refines the seeds before stage 2 ("": none)
 
 
 @dataclass
@@ -127,6 +161,7 @@ class Config:
     method: Any = None  # the dataclass registered under method.name (wsss.methods)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # published numbers to compare with (`wsss run` prints them beside its own), e.g.
     # {pseudo_train_crf: 71.39, pseudo_val_crf: 69.32, source: "ViT-PCM README"}; mIoU in %
     reference: dict = field(default_factory=dict)

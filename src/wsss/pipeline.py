@@ -35,6 +35,7 @@ OUTPUTS = {
     "pseudo_val_crf": ("pseudo + CRF", "pseudo/val_crf"),
     "pseudo_train": ("pseudo train", "pseudo/train"),
     "pseudo_train_crf": ("pseudo train + CRF", "pseudo/train_crf"),
+    "pseudo_train_refined": ("pseudo train refined", "refine/train"),  # --refine: AffinityNet + random walk
     "segment_val": ("stage 2", "predict/val"),
     "segment_val_crf": ("stage 2 + CRF", "predict/val_crf"),
 }
@@ -94,13 +95,20 @@ def run_chain(
     overrides: list[str] | tuple[str, ...] = (),
     crf: bool = True,
     segment: bool = True,
-    segment_config: str | Path = "demo/segment",
+    segment_config: str | Path | None = None,
     demo_dir: str | Path | None = None,
     console: Console | None = None,
     progress: bool = True,
+    refine: bool = False,
+    refine_config: str | Path | None = None,
 ) -> dict:
     """One chain (module doc) in OUT; returns the flat summary: `<output>_miou` numbers, `protocols`
-    {output: protocol}, `seconds` per stage, `report`, and what ran."""
+    {output: protocol}, `seconds` per stage, `report`, and what ran. `refine`: the train seeds (maps saved,
+    pseudo/train_maps) refined by PSA's AffinityNet + random walk (`wsss.postprocess.affinity.refine`,
+    `refine_config` or the config's `pipeline.refine`, else demo/affinity; its run in refine/affinity, the
+    masks in refine/train, the walk's background threshold swept on train when it has masks, then the dense
+    CRF when `crf`); stage 2 then trains on the refined masks."""
+    from wsss.diagnostics import run_alarm
     from wsss.engine.inference import pseudo_label
     from wsss.engine.trainer import train
     from wsss.evaluation.metrics import per_class_table
@@ -118,6 +126,8 @@ def run_chain(
     protocols: dict[str, dict] = {}
 
     def record(key: str, result: dict) -> None:
+        if (result.get("diagnostics") or {}).get("alarm"):  # the collapse alarm (wsss.diagnostics)
+            summary.setdefault("alarms", {})[key] = result["diagnostics"]["alarm"]
         if isinstance(result.get("miou"), (int, float)):
             summary[f"{key}_miou"] = result["miou"]
             protocols[key] = result.get("protocol") or {}
@@ -125,6 +135,8 @@ def run_chain(
     stages("train", run_dir, f"train {config} -> {run_dir}",
            lambda: train(cfg, run_dir, resume=(run_dir / "last.pt").is_file(), progress=progress))
     class_names = json.loads((run_dir / "classes.json").read_text(encoding="utf-8"))
+    if run_alarm(run_dir):
+        summary.setdefault("alarms", {})["train"] = run_alarm(run_dir)
     train_split, val_split = cfg.data.train_split, cfg.data.val_split
     train_masks, val_masks = _has_masks(data_root, cfg, train_split), _has_masks(data_root, cfg, val_split)
 
@@ -157,7 +169,11 @@ def run_chain(
         if crf:
             label("pseudo_val_crf", val_split, True, "the same with a dense CRF over the present classes")
     train_key = "pseudo_train_crf" if crf else "pseudo_train"
-    label(train_key, train_split, crf, f"pseudo masks on {train_split}{' + CRF' if crf else ''}: stage 2's targets")
+    label(train_key, train_split, crf, f"pseudo masks on {train_split}{' + CRF' if crf else ''}"
+          + ("" if refine else ": stage 2's targets"))
+    if refine:
+        train_key = _refine_stage(stages, record, cfg, out, run_dir, data_root, train_split, bool(train_masks),
+                                  threshold, source, overrides, refine_config, progress, crf)
 
     if segment:
         from wsss.segment.predict import predict_dataset
@@ -165,7 +181,7 @@ def run_chain(
 
         seg_dir = out / "segment"
         shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in STAGE2_KEYS]
-        seg_cfg = load_config(segment_config, [f"data.root={data_root}", *shared])
+        seg_cfg = load_config(segment_config or cfg.pipeline.segment, [f"data.root={data_root}", *shared])
         pseudo_train = out / OUTPUTS[train_key][1]
         stages("segment", seg_dir, "stage 2: a segmentation network trained on the train pseudo masks",
                lambda: train_segmenter(seg_cfg, pseudo_train, seg_dir, resume=(seg_dir / "last.pt").is_file()),
@@ -203,6 +219,28 @@ def run_chain(
     return summary
 
 
+def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks, threshold, source, overrides,
+                  refine_config, progress, crf) -> str:
+    """`run_chain(refine=True)`'s two stages: the seeds with their maps, then `refine` (module doc). Returns
+    the OUTPUTS key stage 2 trains on."""
+    from wsss.engine.inference import pseudo_label
+    from wsss.postprocess.affinity import refine
+
+    seeds = out / "pseudo" / "train_maps"
+    stages("seeds_maps", seeds, f"seeds on {split} with their maps saved: what the random walk propagates",
+           lambda: pseudo_label(run_dir, data_root, split, seeds, save_maps=True, bg_threshold=threshold,
+                                threshold_source=source, progress=progress), deps=("train", "sweep"))
+    folder = out / "refine"
+    shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in ("data",)]
+    aff_cfg = load_config(refine_config or cfg.pipeline.refine or "demo/affinity", [f"data.root={data_root}", *shared])
+    res = stages("pseudo_train_refined", folder, f"seeds on {split} refined by AffinityNet + random walk (PSA)",
+                 lambda: refine(aff_cfg, folder / "affinity", seeds, data_root, split, folder / "train",
+                                progress=progress, sweep_thresholds=SWEEP if has_masks else None, crf=crf),
+                 deps=("seeds_maps",))
+    record("pseudo_train_refined", res)
+    return "pseudo_train_refined"
+
+
 def run_pipeline(
     config: str | Path,
     data_root: str | Path,
@@ -211,9 +249,11 @@ def run_pipeline(
     seeds: int = 1,
     crf: bool = True,
     segment: bool = True,
-    segment_config: str | Path = "demo/segment",
+    segment_config: str | Path | None = None,
     console: Console | None = None,
     progress: bool = True,
+    refine: bool = False,
+    refine_config: str | Path | None = None,
 ) -> dict:
     """`wsss run`: `run_chain` once (in OUT) or for `seeds` training seeds (train.seed, +1, ...; in
     OUT/seed<S>), then the summary table (every seed, mean +- sd, the config's `reference` numbers and the
@@ -231,7 +271,8 @@ def run_pipeline(
     for s in seed_list:
         chain_out = out if seeds == 1 else out / f"seed{s}"
         runs[s] = run_chain(config, data_root, chain_out, [*overrides, f"train.seed={s}"], crf=crf,
-                            segment=segment, segment_config=segment_config, console=console, progress=progress)
+                            segment=segment, segment_config=segment_config, console=console, progress=progress,
+                            refine=refine, refine_config=refine_config)
     if seeds == 1:
         summary = runs[seed_list[0]]
     else:
@@ -247,7 +288,17 @@ def run_pipeline(
         }
         atomic_write_json(out / "summary.json", summary)
     console.print(summary_table(summary))
+    print_alarms(console, summary)
     return summary
+
+
+def print_alarms(console: Console, summary: dict) -> None:
+    """The chains' collapse alarms (wsss.diagnostics), one line each, under the table."""
+    from rich.markup import escape
+
+    for s, run in (summary.get("runs") or {"": summary}).items():
+        for key, line in (run.get("alarms") or {}).items():
+            console.print(f"[bold yellow]warning[/]{f' seed {s}' if s else ''} {key}: {escape(line)}", highlight=False)
 
 
 def summary_table(summary: dict):
@@ -315,5 +366,6 @@ def run_demo(
     atomic_write_json(out / "summary.json", summary)
     console.rule("[bold]done")
     console.print(summary_table(summary))
+    print_alarms(console, summary)
     console.print(f"{'total':>24}: {summary['total_seconds']:.0f} s   ({out / 'summary.json'})")
     return summary

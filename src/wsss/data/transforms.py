@@ -82,6 +82,22 @@ def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
+def _resize_square(image: Image.Image, side: int) -> Image.Image:
+    size = (max(1, side), max(1, side))
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
+
+
+RESIZE_MODES = ("short", "square")
+
+
+def _check_resize(mode: str, key: str) -> str:
+    if mode not in RESIZE_MODES:
+        from wsss.errors import ConfigError
+
+        raise ConfigError(f"{key}: unknown resize {mode!r} ({', '.join(RESIZE_MODES)})")
+    return mode
+
+
 def _crop_window(length: int, crop: int) -> tuple[int, int, int]:
     """(source start, destination start, extent) of a random crop along one axis. A side shorter than
     the crop is placed at a random offset in the padded canvas instead."""
@@ -104,12 +120,15 @@ class _Base:
 
 
 class TrainTransform(_Base):
-    """Random resize, random crop, horizontal flip, optional colour jitter, normalisation.
+    """Random resize, random crop, flips, optional colour jitter, normalisation.
 
     Resize rule: s ~ U(scale_range) and the image's short side becomes s * crop_size, whatever the
-    source resolution, so s = 1 makes the crop span the short side and s < 1 pads. The crop is
-    crop_size x crop_size; padding is the mean colour (0 after normalisation) and 255 in the mask.
-    Geometric ops are applied identically to the mask (nearest neighbour); jitter touches the image only.
+    source resolution, so s = 1 makes the crop span the short side and s < 1 pads. With
+    `data.resize: square` the whole image becomes (s * crop_size) squared instead (aspect ratio not
+    kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size; padding is the
+    mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
+    transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
+    (nearest neighbour); jitter (`color_jitter`, `hue`) and greying (`grey_p`) touch the image only.
     """
 
     def __init__(self, data_cfg, num_classes: int | None = None):
@@ -122,23 +141,33 @@ class TrainTransform(_Base):
             )
         self.scale_range = (lo, hi)
         self.hflip = bool(data_cfg.hflip)
+        self.resize = _check_resize(getattr(data_cfg, "resize", "short"), "data.resize")
+        self.vflip = bool(getattr(data_cfg, "vflip", False))
+        self.transpose = bool(getattr(data_cfg, "transpose", False))
+        hue = float(getattr(data_cfg, "hue", 0.0))
+        self.grey_p = float(getattr(data_cfg, "grey_p", 0.0))
+        if not 0 <= hue <= 0.5 or not 0 <= self.grey_p <= 1:
+            raise ValueError(f"data.hue must be in [0, 0.5] and data.grey_p in [0, 1], got {hue}, {self.grey_p}")
         self.jitter = None
-        if data_cfg.color_jitter > 0:
+        if data_cfg.color_jitter > 0 or hue > 0:
             from torchvision.transforms import ColorJitter
 
             j = float(data_cfg.color_jitter)
-            self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j)
+            self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j, **({"hue": hue} if hue > 0 else {}))
 
     def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
-        image = _resize_short_side(sample.image, max(1, round(s * self.crop)))
+        side = max(1, round(s * self.crop))
+        image = _resize_square(sample.image, side) if self.resize == "square" else _resize_short_side(sample.image, side)
         w, h = image.size
         mask = None
         if sample.mask is not None:
             mask = np.asarray(Image.fromarray(sample.mask).resize((w, h), Image.NEAREST))
         if self.jitter is not None:
             image = self.jitter(image)
+        if self.grey_p > 0 and torch.rand(()).item() < self.grey_p:
+            image = image.convert("L").convert("RGB")
 
         c = self.crop
         out = np.empty((c, c, 3), dtype=np.float32)
@@ -151,6 +180,10 @@ class TrainTransform(_Base):
             out_mask[yd : yd + ly, xd : xd + lx] = mask[ys : ys + ly, xs : xs + lx]
         if self.hflip and torch.rand(()).item() < 0.5:
             out, out_mask = out[:, ::-1], out_mask[:, ::-1]
+        if self.vflip and torch.rand(()).item() < 0.5:
+            out, out_mask = out[::-1], out_mask[::-1]
+        if self.transpose and torch.rand(()).item() < 0.5:
+            out, out_mask = out.transpose(1, 0, 2), out_mask.T
         return {
             "image": _normalise(out, self.mean, self.std),
             "label": self._label(sample, num_classes),
@@ -160,16 +193,23 @@ class TrainTransform(_Base):
 
 
 class EvalTransform(_Base):
-    """Resize the short side to `size` (0 = keep) and normalise. The mask stays at the image's
-    ORIGINAL resolution: class maps are upsampled to the original size before they are compared."""
+    """Resize the short side to `size` (0 = keep), or with `resize="square"` the whole image to size x
+    size (`infer.resize`; ViT-PCM's 960 x 960), and normalise. The mask stays at the image's ORIGINAL
+    resolution: class maps are upsampled to the original size before they are compared."""
 
-    def __init__(self, data_cfg, size: int = 0, num_classes: int | None = None):
+    def __init__(self, data_cfg, size: int = 0, num_classes: int | None = None, resize: str = "short"):
         super().__init__(data_cfg, num_classes)
         self.size = int(size)
+        self.resize = _check_resize(resize, "infer.resize")
 
     def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
         w, h = sample.image.size
-        image = _resize_short_side(sample.image, self.size) if self.size > 0 else sample.image
+        if self.size <= 0:
+            image = sample.image
+        elif self.resize == "square":
+            image = _resize_square(sample.image, self.size)
+        else:
+            image = _resize_short_side(sample.image, self.size)
         return {
             "image": _normalise(np.asarray(image), self.mean, self.std),
             "label": self._label(sample, num_classes),

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.data.base import checked_sample
+from wsss.diagnostics import MaskStats
 from wsss.errors import ConfigError, DataError
 from wsss.io import atomic_write_bytes, atomic_write_json, load_checkpoint, read_mask, write_mask
 
@@ -103,10 +104,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
 
 
 def eval_transform(cfg):
-    """The inference input: short side resized to infer.size (0: the training crop size), normalised."""
+    """The inference input: short side resized to infer.size (0: the training crop size; -1: as it is), or the whole
+    image to that square with `infer.resize: square`; normalised."""
     from wsss.data.transforms import EvalTransform
 
-    return EvalTransform(cfg.data, size=cfg.infer.size or cfg.data.crop_size)
+    return EvalTransform(cfg.data, size=cfg.infer.size or cfg.data.crop_size, resize=cfg.infer.resize)
 
 
 @torch.no_grad()
@@ -118,6 +120,10 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     returns its averaged probabilities as they are (no max-normalisation): the plain argmax.
     """
     plain = not method.uses_tags
+    grid = getattr(infer_cfg, "normalise", "full")
+    if grid not in ("full", "grid"):
+        raise ConfigError(f"infer.normalise: unknown mode {grid!r} (full, grid)")
+    grid = grid == "grid" and not plain
     device = next(method.parameters()).device
     image = image.to(device, torch.float32)
     h, w = image.shape[-2:]
@@ -142,7 +148,12 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     acc = None
     n = 0
     for maps in passes:
-        up = F.interpolate(maps[:, idx], size=tuple(out_size), mode="bilinear", align_corners=False)
+        maps = maps[:, idx]
+        if grid:  # ViT-PCM: kept classes / their max, / their sum over classes, at the grid (each view)
+            maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + EPS)
+            if method.has_background:
+                maps = maps / (maps.sum(dim=1, keepdim=True) + EPS)
+        up = F.interpolate(maps, size=tuple(out_size), mode="bilinear", align_corners=False)
         if infer_cfg.flip:
             up = up[:1] + up[1:].flip(-1)  # the flipped view's maps, flipped back
             n += 2
@@ -152,9 +163,9 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     acc = acc / n
     if plain:
         return keep, acc.float()
-    fg = acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
+    fg = acc[1:] if grid else acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
     if method.has_background:
-        bg = acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
+        bg = acc[:1] if grid else acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
     elif infer_cfg.bg_alpha > 0:
         top = fg.amax(0, keepdim=True) if len(tags) else torch.zeros_like(acc[:1])
         bg = (1 - top).clamp_min(0).pow(infer_cfg.bg_alpha)
@@ -342,7 +353,8 @@ def pseudo_label(
     threshold_source: str = "",
 ) -> dict:
     """Write OUT/<id>.png pseudo masks for a split; with GT masks also the mIoU (returned, and written to
-    OUT/summary.json in the `wsss evaluate` shape).
+    OUT/summary.json in the `wsss evaluate` shape). Always: OUT/summary.json's (and the result's)
+    "diagnostics", the masks' foreground figures and collapse alarm (wsss.diagnostics; on stderr when it fires).
 
     Streams: a loader with a bounded prefetch window, CRF workers with a bounded number of images in flight,
     so memory does not grow with the split. Resumable: an image whose PNG exists (and its maps file, with
@@ -398,12 +410,14 @@ def pseudo_label(
             "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales,
             "flip": cfg.infer.flip, "size": cfg.infer.size, "bg_threshold": cfg.infer.bg_threshold,
             "bg_alpha": cfg.infer.bg_alpha, "crf_config": dataclasses.asdict(cfg.infer.crf) if crf else None,
+            # only when not the default, so folders written before these keys existed still resume
+            **({"resize": cfg.infer.resize} if cfg.infer.resize != "short" else {}),
+            **({"normalise": cfg.infer.normalise} if cfg.infer.normalise != "full" else {}),
         })
         for i, id_ in enumerate(ds.ids):
             if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
                 done.add(i)
-    # Done images matter only for the metric: without masks they are not even opened.
-    indices = [i for i in range(len(ds)) if ds.has_masks or i not in done]
+    indices = list(range(len(ds)))  # done images too: their PNGs are read back for the metric and diagnostics
     workers = resolve_workers(cfg.data.num_workers)
     items = _Items(ds, indices, done, out_dir, eval_transform(cfg), need_rgb=crf, skip_bad=skip_bad)
     loader = torch.utils.data.DataLoader(
@@ -411,6 +425,7 @@ def pseudo_label(
         prefetch_factor=2 if workers else None, pin_memory=dev.type == "cuda",
     )
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
+    diag = MaskStats()  # the collapse alarm's counts (wsss.diagnostics), over every mask of the folder
     sweep_cm = MultiConfusion(ds.num_classes, sweep) if sweep else None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_env(out_dir)
@@ -423,6 +438,7 @@ def pseudo_label(
 
     def finish(id_: str, pred: np.ndarray, gt) -> None:
         write_mask(out_dir / f"{id_}.png", pred)
+        diag.add(pred)
         if cm is not None:
             cm.update(torch.from_numpy(pred), _tensor(gt))
 
@@ -437,7 +453,9 @@ def pseudo_label(
                     continue
                 gt = item["mask"]
                 if "pred" in item:  # finished by an earlier run
-                    cm.update(_tensor(item["pred"]), _tensor(gt))
+                    diag.add(item["pred"])
+                    if cm is not None:
+                        cm.update(_tensor(item["pred"]), _tensor(gt))
                     continue
                 computed += 1
                 keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
@@ -477,10 +495,13 @@ def pseudo_label(
             "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
             "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {split}"},
         })
-    elif cm is not None:
-        summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split, "crf": bool(crf),
+    else:  # the metric with masks; the diagnostics always
+        summary = {**(_metrics(cm, ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
                    "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
-                   **({"skipped": skipped} if skipped else {}), "protocol": proto}
+                   **({"skipped": skipped} if skipped else {}), "protocol": proto,
+                   "diagnostics": diag.summary(has_background=bool(method.has_background) or not method.uses_tags)}
+        if summary["diagnostics"]["alarm"]:
+            print(f"warning: {out_dir}: {summary['diagnostics']['alarm']}", file=sys.stderr)
         atomic_write_json(out_dir / "summary.json", summary)  # no timings: a resumed run writes the same bytes
         result.update(summary)
     result["seconds"] = round(time.time() - t0, 3)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsss.diagnostics import tensorboard_scalars, train_check
 from wsss.engine import distributed as D
 from wsss.engine.inference import evaluate_seeds, loader_iter, resolve_workers
 from wsss.errors import ConfigError, DataError, TrainingError
@@ -134,6 +135,70 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if kind == "constant":
         return 1.0
     raise ConfigError(f"train.scheduler: unknown schedule {kind!r} (cosine, poly, constant)")
+
+
+def lr_at(step: int, total: int, warmup: int, kind: str, base: float, warmup_lr: float = 0.0,
+          min_lr: float = 0.0) -> float:
+    """The lr of a group whose base lr is `base` at optimizer step `step`, with timm's `warmup_lr` (the
+    linear warm-up starts there) and `min_lr` (the decay ends there); both 0: base * lr_factor."""
+    if step < warmup:
+        return warmup_lr + (base - warmup_lr) * (step + 1) / warmup
+    return min_lr + (base - min_lr) * lr_factor(step, total, warmup, kind)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg, total: int, warm: int):
+    """(LambdaLR over the whole run, the base lrs its lambdas read). With warmup_lr / min_lr the lambdas
+    are per group (those lrs are absolute, as timm's); `unfreeze_optimizer` changes the bases."""
+    t = cfg.train
+    lr_factor(0, total, warm, t.scheduler)  # validate the name before training
+    bases = [g["lr"] for g in opt.param_groups]
+    if t.warmup_lr == 0 and t.min_lr == 0:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.scheduler)), bases
+
+    def group_lambda(i: int):
+        def f(s: int) -> float:
+            b = bases[i]
+            return lr_at(s, total, warm, t.scheduler, b, t.warmup_lr, t.min_lr) / b if b > 0 else 0.0
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [group_lambda(i) for i in range(len(bases))]), bases
+
+
+def check_phases(cfg) -> None:
+    t = cfg.train
+    if (t.lr_after_freeze > 0 or t.reset_optimizer_after_freeze) and t.freeze_backbone_epochs <= 0:
+        raise ConfigError("train.lr_after_freeze / train.reset_optimizer_after_freeze act when the backbone starts "
+                          "training: they need train.freeze_backbone_epochs > 0")
+    if t.lr_after_freeze < 0 or t.warmup_lr < 0 or t.min_lr < 0:
+        raise ConfigError("train.lr_after_freeze, train.warmup_lr and train.min_lr must be >= 0")
+    if t.lr_after_freeze > 0 and t.lr <= 0:
+        raise ConfigError("train.lr_after_freeze scales the groups' lrs: train.lr must be > 0")
+
+
+def unfreeze_optimizer(opt: torch.optim.Optimizer, sched, bases: list[float], cfg) -> None:
+    """At the first epoch the backbone trains: with `train.reset_optimizer_after_freeze` a fresh optimizer
+    (its per-parameter state dropped: Adam's moments and step count), with `train.lr_after_freeze` every
+    group's base lr scaled by lr_after_freeze / lr (head: lr_after_freeze; backbone: x backbone_lr_mult).
+    Both are in the optimizer's and scheduler's state dicts, so a resume after this point needs nothing."""
+    t = cfg.train
+    if t.reset_optimizer_after_freeze:
+        opt.state.clear()
+    if t.lr_after_freeze > 0:
+        ratio = t.lr_after_freeze / t.lr
+        for i, g in enumerate(opt.param_groups):
+            bases[i] = sched.base_lrs[i] = g["initial_lr"] = sched.base_lrs[i] * ratio
+        for i, g in enumerate(opt.param_groups):  # the lr of the next step, as LambdaLR would set it
+            g["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _freeze_bn_affine(method, head: list, live: list, dead: list) -> tuple[list, list]:
+    """`train.freeze_bn_affine`: the backbone BatchNorm weights and biases move from the trained to the
+    never-trained parameters (PSA, SEAM: requires_grad False, not in the optimizer)."""
+    bn = {id(p) for b in method.backbone_blocks() for m in b.modules()
+          if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)}
+    bn -= {id(p) for p in head}
+    return [p for p in live if id(p) not in bn], [*dead, *(p for p in live if id(p) in bn)]
 
 
 def _amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -263,6 +328,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         _record_skipped(skipped_path, [" ".join(p.split()) for p in split_problems])  # data.skip_bad only
 
     head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
+    if t.freeze_bn and t.freeze_bn_affine:
+        bb_live, bb_dead = _freeze_bn_affine(method, head, bb_live, bb_dead)
+    check_phases(cfg)
     for p in bb_dead:
         p.requires_grad_(False)
     opt = build_optimizer(cfg, [{"params": head, "lr": t.lr},
@@ -285,8 +353,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     )
     steps = len(loader) if t.max_steps_per_epoch <= 0 else min(len(loader), t.max_steps_per_epoch)
     total, warm = t.epochs * steps, int(round(t.warmup_epochs * steps))
-    lr_factor(0, total, warm, t.scheduler)  # validate the name before training
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.scheduler))
+    sched, base_lrs = build_scheduler(opt, cfg, total, warm)
     amp_dtype, use_scaler = _amp(t.amp, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
 
@@ -297,6 +364,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        base_lrs[:] = sched.base_lrs  # phase 2's bases when the run resumes after the unfreeze
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, best = state["epoch"], state["global_step"], state.get("best_miou")
@@ -316,6 +384,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     model, phase = None, None
     for epoch in range(start_epoch, t.epochs):
         frozen = epoch < t.freeze_backbone_epochs
+        if t.freeze_backbone_epochs > 0 and epoch == t.freeze_backbone_epochs:  # once, resumed or not
+            unfreeze_optimizer(opt, sched, base_lrs, cfg)
         if phase != frozen:  # (re)wrap: DDP only syncs the parameters that require grad when built
             for p in bb_live:
                 p.requires_grad_(not frozen)
@@ -398,6 +468,13 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                 best = last_miou
                 if main:
                     save_checkpoint(best_path, {"model": method.state_dict(), "epoch": epoch + 1, "miou": best})
+        if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):  # no GT: val or not
+            method.eval()
+            masks = train_check(method, train_raw, cfg, info)  # the collapse alarm, wsss.diagnostics
+            if masks is not None:  # None: a method without class maps (AffinityNet)
+                record["masks"] = masks
+            if main and (masks or {}).get("alarm"):
+                print(f"warning: epoch {epoch + 1}: {masks['alarm']}", file=sys.stderr)
 
         rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
         if cfg.data.skip_bad:  # every rank's skips, listed in log.jsonl and RUN/skipped.txt
@@ -411,6 +488,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                 for k in ("miou", "img_s", "seconds", "val_seconds"):
                     if isinstance(record.get(k), (int, float)):
                         tb.add_scalar(f"epoch/{k}", record[k], epoch + 1)
+                tensorboard_scalars(tb, record.get("masks") or {}, epoch + 1)
                 tb.flush()
             save_checkpoint(last_path, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

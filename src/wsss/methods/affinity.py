@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import ConfigError
+from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX
 from wsss.methods.base import Method
 

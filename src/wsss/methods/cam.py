@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import ConfigError
+from wsss.errors import ConfigError
 from wsss.methods.base import Method
 from wsss.pooling import spatial_softmax, temperature_pool
 

@@ -9,6 +9,11 @@ Choices the papers leave open, made here:
 - ET: one random transform per batch (all images share it); the main plain-view pass gives L_MCE and
   L_PCE, a no-grad eval-mode teacher pass on the plain view and a student pass on the transformed
   view give L_ET (so ET costs one extra forward and one extra forward+backward; none when w_ET = 0).
+  ViT-PCM's own view (`et.per_sample`, `et.crop_size`, `et.view_size`, `et.mosaic`): a transform per
+  image; with p_crop a crop_size-pixel square at a patch-aligned position; every view resized to
+  view_size; mosaic x mosaic views tiled into one student input (ViT-PCM: four 192-px views in a 384-px
+  2 x 2 mosaic, the pretrained input size), its output split back into the views before the loss.
+  Empty tiles of the last mosaic (batch not a multiple of mosaic^2) are the mean colour and take no part.
 - PCE: the pseudo-class probability is Z itself (not renormalised over the present classes), so
   `confidence` reads as a plain softmax probability; pairs are taken across the whole batch.
 """
@@ -21,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import ConfigError
+from wsss.errors import ConfigError
 from wsss.losses import (
+    GridTransform,
     equivariance_loss,
     equivariance_target,
     mce_loss,
@@ -37,11 +43,27 @@ from wsss.pooling import adaptive_topk_pool, topk_pool
 POOLINGS = ("max", "topk", "adaptive")
 
 
+def _to_view(x: torch.Tensor, t: GridTransform, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] images or maps through `t` (box in x's units): crop, resize to `size` (bilinear), then
+    h-flip, v-flip, transpose (`warp_maps`' order, with the view's own size)."""
+    if t.crop is not None:
+        top, left, ch, cw = t.crop
+        x = x[..., top : top + ch, left : left + cw]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return warp_maps(x, GridTransform(t.hflip, t.vflip, t.transpose))
+
+
 @dataclass
 class ETConfig:
     weight: float = 0.0  # w_ET; 0 turns the equivariance loss off
     p_flip: float = 0.5  # each of h-flip, v-flip, transpose
     p_crop: float = 0.3  # a patch-aligned crop resized back
+    # ViT-PCM's view (docs/recipes.md); the defaults keep one transform per batch at the input's size
+    per_sample: bool = False  # a transform of its own for every image (else one for the whole batch)
+    crop_size: int = 0  # > 0: the crop is this many pixels square (a multiple of the stride); 0: 50-99% a side
+    view_size: int = 0  # > 0: every view, cropped or not, resized to this square (a multiple of the stride)
+    mosaic: int = 1  # > 1: views tiled mosaic x mosaic into one student input (needs view_size)
 
 
 @dataclass
@@ -64,10 +86,17 @@ class PatchClassificationConfig:
     name: str = "patch_classification"
     pooling: str = "topk"  # max | topk | adaptive
     k: float = 0.1  # top-K: an int count (>= 1) or a fraction of patches in (0, 1); 1 = max pooling
+    # > 0: the background's image score is the mean of its top `bg_k` patches (a count >= 1 or a fraction)
+    # instead of the classes' pooling. With the same top-K as the classes, "always present" is all that
+    # defines the background, and when every image holds objects of one kind (digits) the objects are
+    # always present too: the background channel then fires on them (benchmarks/RESULTS.md, "Transfer").
+    # A large bg_k asks the background to win a large share of every image. 0: the classes' pooling.
+    bg_k: float = 0.0
     adaptive_ratio: float = 0.5  # pooling=adaptive: positions >= ratio * max are averaged
     hv_bilstm: bool = False
     dropout: float = 0.2
     classifier_weight_decay: float = 0.01  # L2 on the classifier (added to the loss)
+    classifier_init_std: float = 0.0  # > 0: classifier weights ~ N(0, std^2) (ViT-PCM: 0.05); 0: torch's default
     et: ETConfig = field(default_factory=ETConfig)
     pce: PCEConfig = field(default_factory=PCEConfig)
 
@@ -100,6 +129,16 @@ def _check(cfg: PatchClassificationConfig) -> None:
         raise ConfigError(f"method.k: {cfg.k} must be > 0 (a count >= 1 or a fraction in (0, 1))")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"method.dropout: {cfg.dropout} must be in [0, 1)")
+    if cfg.bg_k < 0:
+        raise ConfigError(f"method.bg_k: {cfg.bg_k} must be >= 0 (0: the classes' pooling)")
+    if cfg.classifier_init_std < 0:
+        raise ConfigError(f"method.classifier_init_std: {cfg.classifier_init_std} must be >= 0 (0: torch's default)")
+    et = cfg.et
+    if et.crop_size < 0 or et.view_size < 0 or et.mosaic < 1:
+        raise ConfigError(f"method.et: crop_size {et.crop_size} and view_size {et.view_size} must be >= 0, "
+                          f"mosaic {et.mosaic} >= 1")
+    if et.mosaic > 1 and et.view_size <= 0:
+        raise ConfigError("method.et.mosaic > 1 tiles views of one size: set method.et.view_size")
 
 
 class PatchClassifier(Method):
@@ -122,6 +161,13 @@ class PatchClassifier(Method):
         self.embed_dim = self.bilstm.out_channels if self.bilstm is not None else dim
         # a per-patch linear classifier without bias: a 1x1 conv on the grid
         self.classifier = nn.Conv2d(self.embed_dim, num_classes, kernel_size=1, bias=False)
+        if cfg.classifier_init_std > 0:  # Keras RandomNormal(stddev) (ViT-PCM); else torch's default init
+            nn.init.normal_(self.classifier.weight, mean=0.0, std=cfg.classifier_init_std)
+        stride = backbone.stride
+        for key in ("crop_size", "view_size"):
+            if getattr(cfg.et, key) % stride:
+                raise ConfigError(f"method.et.{key}: {getattr(cfg.et, key)} must be a multiple of the backbone's "
+                                  f"stride {stride} (views are cut and tiled on the patch grid)")
         proj = cfg.pce.projection_dim
         self.pce_projection = (
             nn.Sequential(
@@ -145,11 +191,20 @@ class PatchClassifier(Method):
         """Image scores [B, K] from per-patch probabilities [B, K, h, w] with the configured pooling."""
         flat = z.flatten(2)
         if self.cfg.pooling == "max":
-            return topk_pool(flat, 1)
+            return self._bg_pool(flat, topk_pool(flat, 1))
         if self.cfg.pooling == "adaptive":
-            return adaptive_topk_pool(flat, self.cfg.adaptive_ratio)
+            return self._bg_pool(flat, adaptive_topk_pool(flat, self.cfg.adaptive_ratio))
         k = self.cfg.k
-        return topk_pool(flat, int(round(k)) if k >= 1 else float(k))
+        scores = topk_pool(flat, int(round(k)) if k >= 1 else float(k))
+        return self._bg_pool(flat, scores)
+
+    def _bg_pool(self, flat: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Channel 0's score replaced by the mean of its top `bg_k` patches (see the config)."""
+        bk = self.cfg.bg_k
+        if bk <= 0:
+            return scores
+        bg = topk_pool(flat[:, :1], int(round(bk)) if bk >= 1 else float(bk))
+        return torch.cat([bg, scores[:, 1:]], dim=1)
 
     def forward_losses(
         self, images: torch.Tensor, labels: torch.Tensor, epoch: int
@@ -175,17 +230,23 @@ class PatchClassifier(Method):
         loss = mce + self.cfg.et.weight * et + self.cfg.pce.weight * pce + l2
         return {"loss": loss, "mce": mce.detach(), "et": et.detach(), "pce": pce.detach(), "l2": l2.detach()}
 
-    def _et_loss(self, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def _teacher(self, images: torch.Tensor) -> torch.Tensor:
         # Teacher: plain view, no grad, eval mode (no dropout, BN running stats); every submodule's mode
         # is restored as it was (the trainer may keep a frozen backbone in eval mode).
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
             with torch.no_grad():
-                teacher_z = self._forward(images, dropout=False)[1].float().softmax(dim=1)
+                return self._forward(images, dropout=False)[1].float().softmax(dim=1)
         finally:
             for m, was in modes:
                 m.training = was
+
+    def _et_loss(self, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.et
+        if c.per_sample or c.crop_size or c.view_size or c.mosaic > 1:
+            return self._et_loss_views(images, present)
+        teacher_z = self._teacher(images)
         t = sample_transform(*teacher_z.shape[-2:], self.cfg.et.p_flip, self.cfg.et.p_crop)
         student_logits = self._forward(warp_maps(images, t.scaled(self.backbone.stride)))[1]
         target = warp_maps(teacher_z, t)
@@ -194,6 +255,67 @@ class PatchClassifier(Method):
                 target, size=student_logits.shape[-2:], mode="bilinear", align_corners=False
             )
         return equivariance_loss(student_logits, equivariance_target(target, present))
+
+    def _sample_view(self, h: int, w: int) -> GridTransform:
+        """One view's transform on the h x w teacher grid (crop box in grid cells)."""
+        c = self.cfg.et
+        if c.crop_size <= 0:
+            return sample_transform(h, w, c.p_flip, c.p_crop)
+        r = torch.rand(4).tolist()
+        crop = None
+        if r[3] < c.p_crop:
+            k = min(c.crop_size // self.backbone.stride, h, w)
+            top = int(torch.randint(0, h - k + 1, ()).item())
+            left = int(torch.randint(0, w - k + 1, ()).item())
+            crop = (top, left, k, k)
+        return GridTransform(r[0] < c.p_flip, r[1] < c.p_flip, r[2] < c.p_flip, crop)
+
+    def _et_loss_views(self, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """L_ET with per-image views, resized to view_size and tiled into mosaics (see the module doc)."""
+        c, stride = self.cfg.et, self.backbone.stride
+        teacher_z = self._teacher(images)
+        b, gh, gw = teacher_z.shape[0], *teacher_z.shape[-2:]
+        if c.per_sample:
+            transforms = [self._sample_view(gh, gw) for _ in range(b)]
+        else:
+            transforms = [self._sample_view(gh, gw)] * b
+        size = (c.view_size, c.view_size) if c.view_size else tuple(images.shape[-2:])
+        grid = (c.view_size // stride, c.view_size // stride) if c.view_size else (gh, gw)
+        views = [_to_view(images[i : i + 1], t.scaled(stride), size) for i, t in enumerate(transforms)]
+        targets = [_to_view(teacher_z[i : i + 1], t, grid) for i, t in enumerate(transforms)]
+        logits = self._student_views(views)
+        losses = []
+        for lg, tg, pr in zip(logits, targets, present.split(1), strict=True):
+            if tg.shape[-2:] != lg.shape[-2:]:  # a partial border patch
+                tg = F.interpolate(tg, size=lg.shape[-2:], mode="bilinear", align_corners=False)
+            losses.append((lg, equivariance_target(tg, pr)))
+        return equivariance_loss(torch.cat([lg for lg, _ in losses]), torch.cat([tg for _, tg in losses]))
+
+    def _student_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Student logits [1, K, g, g] for each view [1, 3, H, W]: tiled into mosaics, or batched by shape."""
+        k = self.cfg.et.mosaic
+        if k > 1:
+            v = views[0].shape[-1]
+            per = k * k
+            n = -(-len(views) // per)
+            canvas = views[0].new_zeros((n, 3, k * v, k * v))  # 0 = the mean colour after normalisation
+            for i, x in enumerate(views):
+                m, j = divmod(i, per)
+                r, col = divmod(j, k)
+                canvas[m, :, r * v : (r + 1) * v, col * v : (col + 1) * v] = x[0]
+            out = self._forward(canvas)[1]
+            g = out.shape[-1] // k
+            return [out[m : m + 1, :, r * g : (r + 1) * g, col * g : (col + 1) * g]
+                    for m, j in (divmod(i, per) for i in range(len(views))) for r, col in [divmod(j, k)]]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(views):
+            by_shape.setdefault(tuple(x.shape[-2:]), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(views)
+        for idx in by_shape.values():
+            lg = self._forward(torch.cat([views[i] for i in idx]))[1]
+            for j, i in enumerate(idx):
+                out[i] = lg[j : j + 1]
+        return out
 
     # --------------------------------------------------------------------------------------- inference
 

@@ -236,6 +236,7 @@ def _mobilenetv2_imagenet(cfg: BackboneConfig) -> Backbone:
         raise ValueError(
             f"backbone.output_stride: {cfg.output_stride} not supported by mobilenetv2 (8, 16, 32)"
         )
+    _no_block_dropout(cfg)
     features = _mobilenetv2_features(cfg.pretrained and not cfg.weights, cfg.output_stride, upto=18)
     return SequentialBackbone(features, out_channels=320, stride=cfg.output_stride, kind="cnn")
 
@@ -274,6 +275,7 @@ def _hybrid_vit_mobilenetv2(cfg: BackboneConfig, depth: int = 4, dim: int = 192,
         embed_layer=embed,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
+        proj_drop_rate=_vit_block_dropout(cfg),
     )
     if cfg.pretrained and not cfg.weights:  # after the ViT's weight init (which only touches Linear layers)
         full = _mobilenetv2_features(True, 32, upto=19)
@@ -332,12 +334,30 @@ def _is_timm_vit(name: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
+def _vit_block_dropout(cfg: BackboneConfig) -> float:
+    """`backbone.dropout` for a ViT: one value, timm's proj_drop_rate (0 when unset)."""
+    drops = list(cfg.dropout) if isinstance(cfg.dropout, (list, tuple)) else [cfg.dropout]
+    if len(drops) > 1:
+        raise ValueError(f"backbone.dropout: a ViT takes one value (timm's proj_drop_rate), got {cfg.dropout}")
+    p = float(drops[0]) if drops else 0.0
+    if not 0 <= p < 1:
+        raise ValueError(f"backbone.dropout: {p} must be in [0, 1)")
+    return p
+
+
+def _no_block_dropout(cfg: BackboneConfig) -> None:
+    if cfg.dropout:
+        raise ValueError(f"backbone.dropout: {cfg.name} has no dropout inside its blocks to set "
+                         "(ViTs and resnet38d do); use the method's own dropout")
+
+
 def _timm_backbone(cfg: BackboneConfig) -> Backbone:
     import timm
 
     pretrained = cfg.pretrained and not cfg.weights
     drops = dict(drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     if _is_timm_vit(cfg.name):
+        block_drop = _vit_block_dropout(cfg)
         vit = timm.create_model(
             cfg.name,
             pretrained=pretrained,
@@ -345,6 +365,7 @@ def _timm_backbone(cfg: BackboneConfig) -> Backbone:
             img_size=cfg.img_size,
             dynamic_img_size=True,
             **drops,
+            **({"proj_drop_rate": block_drop} if block_drop else {}),  # timm's default otherwise
         )
         reduction = (
             vit.patch_embed.feat_ratio()
@@ -353,6 +374,7 @@ def _timm_backbone(cfg: BackboneConfig) -> Backbone:
         )
         stride = reduction[0] if isinstance(reduction, (tuple, list)) else reduction
         return ViTBackbone(vit, out_channels=vit.embed_dim, stride=stride, kind="transformer")
+    _no_block_dropout(cfg)
     kwargs = dict(pretrained=pretrained, features_only=True, out_indices=(-1,), **drops)
     try:
         net = timm.create_model(cfg.name, output_stride=cfg.output_stride, **kwargs)

@@ -12,7 +12,19 @@ Three steps, each a function here; `refine` (the `wsss refine` command) chains t
    averaged separately), different -> 0, pairs touching 255 ignored. Loss bg/4 + fg/4 + neg/2 (PSA).
 3. `random_walk`: a_ij = exp(-mean_d |f_i - f_j|)^beta for |i - j| < radius (and i = j), row-normalised into
    a transition matrix T, seed maps propagated 2^logt steps. Stored sparse: [N, M] neighbour indices and
-   weights (M offsets in the disk), memory linear in N = h*w, never an N x N matrix.
+   weights (M offsets in the disk), memory linear in N = h*w, never an N x N matrix. PSA's `infer_aff.py`
+   normalises the dense matrix's columns and multiplies the maps from the left (v T): for a symmetric
+   affinity that is the same averaging, v_i <- sum_j a_ij v_j / sum_j a_ij, which is ours.
+4. `walk_to_mask`: the walked foreground against a constant background threshold (MCTformer's `--bg_thr`,
+   chosen on train by `refine(..., sweep_thresholds=)`), or PSA's walked (1 - max)^alpha (`bg_alpha` > 0).
+
+PSA's facts (jiwoon-ahn/psa and xulianuwa/MCTformer `psa/`): the pair loss bg/4 + fg/4 + neg/2 with each
+term averaged over its own pairs; radius 5 on the stride-8 grid; beta 8; logt 6 (MCTformer; the original
+default is 8); affinity exp(-mean over channels |f_i - f_j|) (the issue's L1 norm, divided by D so the scale
+does not depend on the embedding width). Differences: the labels keep a pixel only where the two alphas'
+CRF labelings agree (PSA keeps the low alpha's foreground and the high alpha's background, so a pixel one
+calls class c and the other class d keeps c); labels reach the feature grid by nearest sampling (PSA
+average-pools the CRF scores by 8, then takes the argmax).
 """
 
 from __future__ import annotations
@@ -153,24 +165,55 @@ def random_walk(feats: torch.Tensor, seeds: torch.Tensor, radius: int = 5, beta:
     return propagate(seeds.reshape(k, h * w).to(wts.device), idx, wts, 2 ** int(logt)).reshape(k, h, w)
 
 
-def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
-    """A refined mask uint8 [H, W]: the foreground seed maps probs[1:] ([K, H, W], max-normalised) pooled to
-    the feature grid, walked, upsampled, max-normalised, against the background (`cfg.bg_alpha` > 0:
-    (1 - max fg)^alpha walked with them; else the constant `cfg.bg_threshold`)."""
+def walk_maps(feats: torch.Tensor, probs: torch.Tensor, cfg) -> torch.Tensor:
+    """The walked maps on the feature grid, float32 [K', h, w] on the CPU: the foreground seed maps
+    probs[1:] ([K, H, W], max-normalised, as `--save-maps` stores them) average-pooled to the grid of
+    feats [D, h, w] and propagated; with `cfg.bg_alpha` > 0 the background (1 - max fg)^alpha is walked
+    with them (channel 0; PSA's original form), else only the foreground: the constant background of
+    PSA's `--bg_thr` form stays that constant under the walk (each step averages), so it is compared
+    afterwards (`walk_to_mask`), which lets one walk serve every threshold of a sweep."""
     h, w = feats.shape[-2:]
     fg = F.adaptive_avg_pool2d(probs[1:].float()[None], (h, w))[0]
-    lut = torch.tensor(classes, dtype=torch.uint8)
-    if fg.shape[0] == 0:
-        return np.zeros(tuple(out_size), np.uint8)
     if cfg.bg_alpha > 0:
         fg = torch.cat([(1 - fg.amax(0, keepdim=True)).clamp_min(0).pow(cfg.bg_alpha), fg])
-    walked = random_walk(feats, fg.to(feats.device), cfg.radius, cfg.beta, cfg.logt)
-    up = F.interpolate(walked[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0].cpu()
+    if fg.shape[0] == 0:
+        return fg
+    return random_walk(feats, fg.to(feats.device), cfg.radius, cfg.beta, cfg.logt).cpu()
+
+
+def _upsampled(walked: torch.Tensor, out_size) -> torch.Tensor:
+    return F.interpolate(walked.float()[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+
+
+def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_threshold: float | None = None,
+                 rgb: np.ndarray | None = None, crf_cfg=None) -> np.ndarray:
+    """A refined mask uint8 [H, W] from `walk_maps`' output: upsampled (bilinear) to out_size, then the
+    argmax against the background: the walked channel 0 with `cfg.bg_alpha` > 0, else the constant
+    `bg_threshold` (default `cfg.bg_threshold`) against the walked foreground as it is (PSA / MCTformer's
+    `infer_aff.py`: no renormalisation after the walk). A tie goes to the background. With `rgb` (uint8
+    [H, W, 3]) the same scores go through the dense CRF (`crf_cfg`) instead of the argmax (the PSA paper's
+    "random walk + dCRF"; its code stops at the walk)."""
+    lut = torch.tensor(classes, dtype=torch.uint8)
+    if walked.shape[0] == 0 or len(classes) < 2:
+        return np.zeros(tuple(out_size), np.uint8)
+    up = _upsampled(walked, out_size)
+    if cfg.bg_alpha <= 0:
+        thr = float(cfg.bg_threshold if bg_threshold is None else bg_threshold)
+        up = torch.cat([torch.full_like(up[:1], thr), up])
+    if rgb is not None:
+        from wsss.postprocess.crf import refine as crf_refine
+
+        idx = crf_refine(np.ascontiguousarray(rgb, dtype=np.uint8), up.clamp_min(1e-5).numpy(), crf_cfg)
+        return lut.numpy()[np.asarray(idx, dtype=np.int64)]
     if cfg.bg_alpha > 0:
         return lut[up.argmax(0)].numpy()
-    up = up / up.flatten(1).amax(1).clamp_min(1e-5).view(-1, 1, 1)
-    scores = torch.cat([torch.full_like(up[:1], float(cfg.bg_threshold)), up])
-    return lut[scores.argmax(0)].numpy()
+    top, arg = up[1:].max(0)
+    return torch.where(top > up[0], lut[1:][arg], lut[0]).numpy()
+
+
+def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
+    """`walk_to_mask(walk_maps(...))`: one image's refined mask uint8 [H, W]."""
+    return walk_to_mask(walk_maps(feats, probs, cfg), classes, cfg, out_size)
 
 
 # ----------------------------------------------------------------------------------- confident labels
@@ -221,13 +264,15 @@ def load_maps(path: Path) -> tuple[list[int], np.ndarray]:
 # --------------------------------------------------------------------------------------------- refine
 
 
-def _check_settings(path: Path, settings: dict) -> None:
+def _check_settings(path: Path, settings: dict, what: str = "masks") -> None:
+    """Write `settings` to PATH, or refuse (ConfigError) when PATH holds others: outputs of two
+    configurations never mix in one folder."""
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
-            raise ConfigError(f"{path.parent}: holds masks made with other settings ({', '.join(diff)} differ); "
-                              "choose another --out or delete the folder")
+            raise ConfigError(f"{path.parent}: holds {what} made with other settings ({', '.join(diff)} differ; "
+                              f"see {path.name}); choose another folder or delete it")
     else:
         atomic_write_json(path, settings)
 
@@ -239,16 +284,56 @@ def _trained(run: Path, epochs: int) -> bool:
     return last.is_file() and int(load_checkpoint(last).get("epoch", -1)) >= epochs
 
 
+def _save_walk(path: Path, classes: list[int], walked: torch.Tensor) -> None:
+    import io
+
+    from wsss.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, walked=walked.numpy().astype(np.float32), classes=np.asarray(classes, dtype=np.int16))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_walk(path: Path) -> tuple[list[int], torch.Tensor] | None:
+    """A cached walk, or None when absent or unreadable (a file cut short is recomputed)."""
+    try:
+        with np.load(path) as z:
+            return [int(c) for c in z["classes"]], torch.from_numpy(z["walked"].astype(np.float32))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _seed_protocol(seeds: Path) -> dict:
+    try:
+        return dict(json.loads((seeds / "summary.json").read_text(encoding="utf-8")).get("protocol") or {})
+    except (OSError, ValueError):
+        return {}
+
+
 def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str = "auto", skip_bad: bool = False,
-           progress: bool = True) -> dict:
-    """`wsss refine`: confident labels for the split's images into RUN/labels/, AffinityNet trained on
-    them into RUN (the engine trainer; skipped once RUN/last.pt holds the last epoch), then the random walk
-    of each image's seeds into OUT/<id>.png. Resumable at every stage: finished label PNGs, a finished
-    training and finished masks are not redone. With masks, OUT/summary.json holds the mIoU."""
+           progress: bool = True, sweep_thresholds: list[float] | None = None, crf: bool = False) -> dict:
+    """`wsss refine`, four resumable steps:
+
+    1. confident labels of the split's images (two alphas, CRF, disagreement ignored) into RUN/labels/
+       (RUN/labels.json: the seeds and settings they came from; other settings are refused);
+    2. AffinityNet trained on them into RUN (the engine trainer, resumed from RUN/last.pt; skipped once it
+       holds the last epoch);
+    3. each image's seeds walked on its affinity features into OUT/walk/<id>.npz (grid resolution);
+    4. masks OUT/<id>.png at the background threshold: `cfg.method.bg_threshold`, or with `sweep_thresholds`
+       (a split with masks) the best of them by mIoU on this split (OUT/sweep.json), "the threshold chosen on
+       train" of PSA's protocol; with `crf`, the walked scores at that threshold go through the dense CRF
+       (`cfg.infer.crf`; the sweep itself is without it).
+
+    Every file is written atomically and skipped on a rerun when present, so kill -9 loses at most the
+    image (or the epoch) in flight. OUT/walk.json / OUT/refine.json hold the settings of the walks / masks.
+    With masks, OUT/summary.json holds the mIoU and its protocol. One image at a time: memory does not grow
+    with the split."""
     from wsss.data import open_dataset
-    from wsss.engine.inference import _metrics, _tensor, eval_transform, resolve_device
+    from wsss.diagnostics import MaskStats
+    from wsss.engine.inference import _metrics, _tensor, eval_transform, load_run, resolve_device
     from wsss.engine.trainer import train
-    from wsss.evaluation.metrics import ConfusionMatrix
+    from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
+    from wsss.provenance import write_env
     from wsss.segment.train import PseudoMaskDataset
 
     t0 = time.time()
@@ -256,12 +341,20 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
         raise ConfigError(f"method.name: `wsss refine` trains an AffinityNet (affinity), got {cfg.method.name!r}")
     a = cfg.method
     run, seeds, out = Path(run_dir), Path(seeds_dir), Path(out_dir)
-    if not seeds.is_dir():
-        raise DataError(f"{seeds}: seed folder not found (make it with `wsss pseudo-label ... --save-maps`)")
+    if not (seeds / "maps").is_dir():
+        raise DataError(f"{seeds / 'maps'}: seed maps not found (make them with `wsss pseudo-label ... --save-maps`)")
     cfg.data.root, cfg.data.train_split, cfg.data.val_split = str(data_root), split, ""
     cfg.data.skip_bad = bool(skip_bad)
     ds = open_dataset(data_root, split, cfg.data.format, cfg.data.tags_file, strict=not skip_bad)
     skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
+    if sweep_thresholds is not None:
+        if a.bg_alpha > 0:
+            raise ConfigError("--sweep-threshold: method.bg_alpha > 0 walks the background, there is no threshold")
+        if not ds.has_masks:
+            raise ConfigError(f"--sweep-threshold: split {split!r} has no masks to choose the threshold on")
+        sweep_thresholds = sorted({round(float(t), 6) for t in sweep_thresholds})
+        if not sweep_thresholds:
+            raise ConfigError("--sweep-threshold: no thresholds")
 
     def bad(e: DataError) -> None:
         if not skip_bad:
@@ -270,8 +363,16 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
         print(f"warning: skipped {msg}", file=sys.stderr)
         skipped.append(msg)
 
-    # 1. confident labels (for every image with seeds)
+    def maps_of(id_: str):
+        path = seeds / "maps" / f"{id_}.npz"
+        return (path, *load_maps(path))
+
+    # 1. confident labels (for every image with readable seeds)
     labels = run / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    crf_settings = dataclasses.asdict(cfg.infer.crf) if a.crf else None
+    _check_settings(run / "labels.json", {"seeds": str(seeds.resolve()), "alphas": [float(x) for x in a.alphas],
+                                          "crf": crf_settings}, "confident labels")
     train_ids = []
     for i, id_ in enumerate(ds.ids):
         path = labels / f"{id_}.png"
@@ -279,11 +380,10 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
             train_ids.append(i)
             continue
         try:
-            classes, probs = load_maps(seeds / "maps" / f"{id_}.npz")
+            src, classes, probs = maps_of(id_)
             rgb = np.array(ds.load_image(i), dtype=np.uint8)
             if rgb.shape[:2] != probs.shape[1:]:
-                raise DataError(f"{seeds / 'maps' / (id_ + '.npz')}: maps are {probs.shape[2]}x{probs.shape[1]}, "
-                                f"the image {rgb.shape[1]}x{rgb.shape[0]}")
+                raise DataError(f"{src}: maps are {probs.shape[2]}x{probs.shape[1]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
         except DataError as e:
             bad(e)
             continue
@@ -296,46 +396,103 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if not _trained(run, cfg.train.epochs):
         sub = PseudoMaskDataset(_Subset(ds, train_ids), labels)
         train(cfg, run, resume=True, progress=progress, train_dataset=sub)
-    from wsss.engine.inference import load_run
+    net = None
 
-    _, net, _ = load_run(run, device=device)
-
-    # 3. random walk
-    settings = {"run": str(run.resolve()), "seeds": str(seeds.resolve()), "split": split,
-                "method": dataclasses.asdict(a)}
-    _check_settings(out / "refine.json", settings)
+    # 3. random walk of every image's seeds, cached at grid resolution
+    walk_settings = {"run": str(run.resolve()), "seeds": str(seeds.resolve()), "split": split,
+                     **{k: v for k, v in dataclasses.asdict(a).items() if k != "bg_threshold"}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_env(out)
+    _check_settings(out / "walk.json", walk_settings, "walks")
+    (out / "walk").mkdir(exist_ok=True)
     tf = eval_transform(cfg)
-    cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
-    computed = 0
     dev = resolve_device(device)
+    computed, usable = 0, []
     for i, id_ in enumerate(ds.ids):
-        path = out / f"{id_}.png"
+        path = out / "walk" / f"{id_}.npz"
+        if path.is_file() and _load_walk(path) is not None:
+            usable.append(i)
+            continue
         try:
-            gt = ds.load_mask(i) if cm is not None else None
-            if path.is_file():
-                pred = read_mask(path)
-            else:
-                classes, probs = load_maps(seeds / "maps" / f"{id_}.npz")
-                sample = ds[i]
-                x = tf(sample, ds.num_classes)["image"].to(dev)
-                with torch.no_grad():
-                    feats = net.embed(x[None])[0]
-                pred = walk_mask(feats, classes, torch.from_numpy(probs), a, probs.shape[1:])
-                write_mask(path, pred)
-                computed += 1
+            _, classes, probs = maps_of(id_)
+            sample = ds[i]
         except DataError as e:
             bad(e)
             continue
+        if net is None:
+            _, net, _ = load_run(run, device=dev)
+        x = tf(sample, ds.num_classes)["image"].to(dev)
+        with torch.no_grad():
+            feats = net.embed(x[None])[0]
+            walked = walk_maps(feats, torch.from_numpy(probs), a)
+        _save_walk(path, classes, walked)
+        computed += 1
+        usable.append(i)
+
+    # 4. the threshold, then the masks
+    def masks_of(i: int):
+        classes, walked = _load_walk(out / "walk" / f"{ds.ids[i]}.npz")
+        gt = ds.load_mask(i) if ds.has_masks else None
+        return classes, walked, gt
+
+    threshold, chosen = (None, f"(1 - max_c)^{a.bg_alpha:g} walked") if a.bg_alpha > 0 else (float(a.bg_threshold), "fixed")
+    sweep_table = None
+    if sweep_thresholds is not None:
+        mc = MultiConfusion(ds.num_classes, sweep_thresholds)
+        for i in usable:
+            try:
+                classes, walked, gt = masks_of(i)
+            except DataError as e:
+                bad(e)
+                continue
+            if gt is None:
+                continue
+            g = _tensor(gt)
+            for t in sweep_thresholds:
+                mc.update(t, _tensor(walk_to_mask(walked, classes, a, gt.shape, t)), g)
+        best, res = mc.best()
+        sweep_table = {f"{t:g}": mc[t].compute()["miou"] for t in sweep_thresholds}
+        threshold, chosen = float(best), f"swept on {split}"
+        atomic_write_json(out / "sweep.json", {"split": split, "sweep": sweep_table, "best_threshold": best,
+                                               "best_miou": res["miou"]})
+    crf_name = cfg.infer.crf.preset if crf else None
+    _check_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold, "bg_threshold_chosen": chosen,
+                                          **({"crf": dataclasses.asdict(cfg.infer.crf)} if crf else {})})
+    cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
+    diag = MaskStats()
+    written = 0
+    for i in usable:
+        path = out / f"{ds.ids[i]}.png"
+        try:
+            if path.is_file():
+                pred = read_mask(path)
+                gt = ds.load_mask(i) if cm is not None else None
+            else:
+                classes, walked, gt = masks_of(i)
+                size = gt.shape if gt is not None else ds.load_image(i).size[::-1]
+                rgb = np.array(ds.load_image(i), dtype=np.uint8) if crf else None
+                pred = walk_to_mask(walked, classes, a, size, threshold, rgb=rgb, crf_cfg=cfg.infer.crf)
+                write_mask(path, pred)
+                written += 1
+        except DataError as e:
+            bad(e)
+            continue
+        diag.add(pred)
         if cm is not None and gt is not None:
             cm.update(_tensor(pred), _tensor(gt))
-    result = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out)}
+    proto = {**_seed_protocol(seeds), "split": split, "stage": "refined", "crf": crf_name, "bg_threshold": threshold,
+             "bg_threshold_chosen": chosen, "checkpoint": "last (AffinityNet)"}
+    result = {"split": split, "num_images": len(ds), "computed": computed, "written": written, "out_dir": str(out)}
     if skipped:
         result["skipped"] = skipped
-    if cm is not None:
-        summary = {**_metrics(cm, ds.class_names), "num_images": len(ds), "split": split,
-                   **({"skipped": skipped} if skipped else {})}
-        atomic_write_json(out / "summary.json", summary)
-        result.update(summary)
+    summary = {**(_metrics(cm, ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split,
+               "bg_threshold": threshold, **({"sweep": sweep_table} if sweep_table else {}),
+               **({"skipped": skipped} if skipped else {}), "protocol": proto,
+               "diagnostics": diag.summary("refined masks")}
+    if summary["diagnostics"]["alarm"]:
+        print(f"warning: {out}: {summary['diagnostics']['alarm']}", file=sys.stderr)
+    atomic_write_json(out / "summary.json", summary)  # no timings: a resumed run writes the same bytes
+    result.update(summary)
     result["seconds"] = round(time.time() - t0, 3)
     return result
 

@@ -1,7 +1,8 @@
 """`wsss report RUN`: one self-contained HTML page a person can read (RUN/report.html).
 
-Sections: the resolved config (RUN/config.yaml), training curves (RUN/log.jsonl: loss terms and val mIoU
-per epoch), per-class IoU of the evaluated outputs, a gallery of val images, timings. Images and plots
+Sections: at the top one line per collapse alarm (wsss.diagnostics), the resolved config (RUN/config.yaml),
+training curves (RUN/log.jsonl: loss terms and val mIoU per epoch), per-class IoU of the evaluated outputs,
+a gallery of val images, timings. Images and plots
 are embedded as base64 PNG data URIs and the styles are inline: the file references nothing outside
 itself, so it can be mailed or archived as it is. Every text from files is escaped.
 
@@ -16,6 +17,8 @@ are discovered by one rule:
 - `outputs={label: folder}` adds folders anywhere (library use).
 The gallery shows up to 8 images of the run's val split (data from the run's `data.root` unless
 `demo_dir`), one column per output holding that image's mask; ground truth when the split has masks.
+When an output holds refined masks (`wsss refine` / `wsss run --refine`, made on train), a second gallery
+shows the train split with every output of it (CRF pseudo masks next to the refined ones).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ h1{font-size:26px}h2{font-size:20px;margin-top:32px;border-bottom:1px solid #ddd
 pre{background:#f5f5f7;padding:12px;overflow:auto;font-size:12px;max-height:420px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f5f5f7}td.l,th.l{text-align:left}.gallery td{padding:2px;text-align:center;vertical-align:top}
+.alarm{background:#fff3cd;border-left:4px solid #d9822b;padding:6px 10px;margin:6px 0}
 .gallery{width:100%;table-layout:fixed}.gallery th{text-align:center}.gallery img{display:block;width:100%;max-width:224px;height:auto}.muted{color:#888}img.plot{max-width:100%}
 """
 
@@ -114,6 +118,28 @@ def discover_outputs(run_dir: Path, demo_dir: Path | None = None, extra: dict | 
 
 
 # ---------------------------------------------------------------------------------------------- sections
+
+
+def _alarms(run_dir: Path, records: list[dict], found: dict[str, Path], demo_dir: Path | None) -> str:
+    """One line per collapse alarm (wsss.diagnostics): the last training check's (log.jsonl "masks"), and
+    each mask folder's (summary.json "diagnostics"): the outputs, every folder under RUN (or the demo
+    folder) with a summary.json, masks or not."""
+    lines = []
+    last = next((r for r in reversed(records) if isinstance(r.get("masks"), dict)), None)
+    if last is not None and last["masks"].get("alarm"):
+        lines.append(f"training, epoch {last['epoch']}: {last['masks']['alarm']}")
+    folders = dict(found)
+    for base in [run_dir, *([demo_dir] if demo_dir is not None else [])]:
+        for summary in sorted(base.glob("*/summary.json")) + sorted(base.glob("*/*/summary.json")):
+            folders.setdefault(str(summary.parent.relative_to(base)), summary.parent)
+    seen = set()
+    for label, folder in folders.items():
+        s = _read_json(Path(folder) / "summary.json")
+        text = ((s.get("diagnostics") or {}).get("alarm") if isinstance(s, dict) else None)
+        if text and Path(folder).resolve() not in seen:
+            seen.add(Path(folder).resolve())
+            lines.append(f"{label}: {text}")
+    return "".join(f'<p class="alarm">&#9888; {_e(line)}</p>' for line in lines)
 
 
 def _curves(records: list[dict]) -> str:
@@ -253,6 +279,21 @@ def _gallery(data_root: Path | None, split: str, outputs: dict[str, Path]) -> tu
     return note + f'<table class="gallery">{head}{"".join(rows)}</table>', len(ids)
 
 
+def _refined_gallery(data_root: Path | None, split: str, outputs: dict[str, Path]) -> str:
+    """When an output holds refined masks (`wsss refine`, protocol stage "refined"; they are made on the
+    train split): a second gallery of that split, one column per output of it (e.g. CRF vs refined)."""
+    on_split, refined = {}, False
+    for label, folder in outputs.items():
+        s = _read_json(folder / "summary.json")
+        if isinstance(s, dict) and s.get("split") == split:
+            on_split[label] = folder
+            refined = refined or (s.get("protocol") or {}).get("stage") == "refined"
+    if not refined:
+        return ""
+    html_, _ = _gallery(data_root, split, on_split)
+    return f"<h3>Refined masks (split {_e(split)})</h3>" + html_
+
+
 def _timings(records: list[dict], demo_summary: dict | None) -> str:
     parts = []
     if demo_summary and isinstance(demo_summary.get("seconds"), dict):
@@ -306,6 +347,7 @@ def write_report(run_dir: str | Path, demo_dir: str | Path | None = None, output
     data_root = demo_dir / "data" if demo_dir is not None else (Path(data_cfg["root"]) if data_cfg.get("root") else None)
     split = data_cfg.get("val_split") or "val"
     gallery, _ = _gallery(data_root, split, found)
+    gallery += _refined_gallery(data_root, data_cfg.get("train_split") or "train", found)
     demo_summary = _read_json(demo_dir / "summary.json") if demo_dir is not None else None
     method = (cfg.get("method") or {}).get("name", "?") if isinstance(cfg, dict) else "?"
     backbone = ((cfg.get("model") or {}).get("backbone") or {}).get("name", "?") if isinstance(cfg, dict) else "?"
@@ -319,6 +361,7 @@ def write_report(run_dir: str | Path, demo_dir: str | Path | None = None, output
 <style>{CSS}</style></head><body>
 <h1>wsss report: {_e(run_dir.name)}</h1>
 <p>{headline}.<br><span class="muted">{_e(run_dir.resolve())}</span></p>
+{_alarms(run_dir, records, found, demo_dir)}
 <h2 id="curves">Training curves</h2>
 {_curves(records)}
 <h2 id="per-class">Per-class IoU</h2>

@@ -1,0 +1,232 @@
+"""The collapse alarm (wsss.diagnostics): figures from predicted masks alone, the verdicts, and the alarm
+firing through the trainer's check, pseudo-labelling, the report and `wsss run`'s console summary on a
+reproduced collapse (the background winning in one spot near the top border, issue 21), silent on a
+healthy run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from engine_fakes import CLASSES, FakeConfig, FakeMethod, make_cfg, make_voc
+from wsss import diagnostics as dg
+from wsss.engine.inference import pseudo_label
+from wsss.engine.trainer import train
+from wsss.io import read_mask
+from wsss.methods import METHOD_CONFIGS, METHODS
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------ the figures
+
+
+def _mask(fg_rows: int, size: int = 20, cls: int = 1) -> np.ndarray:
+    m = np.zeros((size, size), np.uint8)
+    m[:fg_rows] = cls
+    return m
+
+
+def test_figures_ignore_and_shards():
+    m = _mask(5)
+    m[-2:] = 255  # ignore: not counted
+    s = dg.MaskStats()
+    assert s.add(m) == pytest.approx(5 / 18)
+    assert s.add(np.full((4, 4), 255, np.uint8)) is None  # nothing labelled: not an image
+    s.add(torch.from_numpy(_mask(20, cls=2)))  # tensors too; all foreground
+    s.add(_mask(0))  # no foreground
+    assert (s.images, s.pixels, s.foreground, s.low_background, s.no_foreground) == (3, 360 + 400 + 400, 500, 1, 1)
+    assert s.foreground_fraction == pytest.approx(500 / 1160)
+    assert s.mean_image_foreground == pytest.approx((5 / 18 + 1 + 0) / 3)
+    assert s.low_background_share == pytest.approx(1 / 3) and s.no_foreground_share == pytest.approx(1 / 3)
+    a, b = dg.mask_stats([m, _mask(20)]), dg.mask_stats([_mask(0)])
+    assert a + b == s and s.all_reduce() is s  # shards add up; not distributed: itself
+    assert json.loads(json.dumps(s.summary()))["images"] == 3
+
+
+def test_collapsed_fires():
+    # issue 21: the present class over nearly the whole image, the background in one spot
+    masks = [_mask(19, cls=1 + k % 2) for k in range(10)] + [_mask(6)] * 3
+    line = dg.alarm(dg.mask_stats(masks), has_background=True)
+    assert line is not None and line.startswith("pseudo masks look collapsed:")
+    assert "% of pixels foreground" in line and "77% of images with <10% background" in line
+    assert "infer.size" in line and "bg_threshold" not in line and dg.DOC in line
+    assert "infer.bg_threshold" in dg.alarm(dg.mask_stats(masks), has_background=False)
+    # spread out but most pixels foreground: collapsed too
+    wide = [_mask(16)] * 10
+    assert dg.verdict(dg.mask_stats(wide)) == "collapsed" and dg.mask_stats(wide).low_background == 0
+    assert "\n" not in line
+
+
+def test_healthy_is_silent():
+    masks = [_mask(k % 9 + 1, cls=1 + k % 2) for k in range(20)] + [_mask(19)] * 4  # a few close-ups
+    stats = dg.mask_stats(masks)
+    assert dg.verdict(stats) is None and dg.alarm(stats) is None and stats.summary()["alarm"] is None
+    assert dg.alarm(dg.MaskStats()) is None  # nothing counted: nothing to say
+
+
+def test_all_background_fires_its_own_line():
+    stats = dg.mask_stats([_mask(0)] * 8 + [_mask(3)] * 2)
+    line = dg.alarm(stats, "train pseudo masks", has_background=False)
+    assert line.startswith("train pseudo masks look empty: 80% of images with no foreground")
+    assert "lower infer.bg_threshold" in line and "collapsed" not in line
+
+
+# ------------------------------------------------------------------------------------ tiny runs, fakes
+
+
+@dataclass
+class MapsConfig(FakeConfig):
+    name: str = "fake_maps"
+    maps: str = "colour"  # colour: the squares' colours (healthy); spot: background in one spot (collapsed);
+    # none: class_maps raises NotImplementedError (AffinityNet)
+
+
+class MapsMethod(FakeMethod):
+    """The fake, with class maps read off the image (engine_fakes.make_voc: red / green squares on dark
+    noise) instead of learned: deterministic healthy masks, or the issue-21 collapse."""
+
+    def class_maps(self, images):
+        if self.cfg.maps == "none":
+            raise NotImplementedError("no class maps (as AffinityNet)")
+        learned = super().class_maps(images)  # keeps the parameters in the graph / device
+        r, g = images[:, 0] - images[:, 1], images[:, 1] - images[:, 0]
+        fg = torch.stack([(r > 1.5).float(), (g > 1.5).float()], 1)
+        if self.cfg.maps == "spot":
+            bg = torch.zeros_like(fg[:, :1])
+            bg[..., :3, images.shape[-1] // 2 - 1: images.shape[-1] // 2 + 2] = 1.0
+            fg = torch.ones_like(fg)
+        else:
+            bg = 1 - fg.amax(1, keepdim=True)
+        maps = torch.cat([bg, fg, fg.new_zeros((fg.shape[0], self.num_classes - 3, *fg.shape[2:]))], 1)
+        return maps + 0 * learned.sum()
+
+
+METHODS["fake_maps"] = MapsMethod
+METHOD_CONFIGS["fake_maps"] = MapsConfig
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
+
+def _train(run, voc, maps, val: bool = True, **kw):
+    cfg = make_cfg(voc, epochs=1, max_steps_per_epoch=1, method={"name": "fake_maps", "maps": maps}, **kw)
+    if not val:
+        cfg.data.val_split = ""
+    return train(cfg, run, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, voc):
+    out = {}
+    for maps in ("colour", "spot"):
+        out[maps] = tmp_path_factory.mktemp(maps)
+        _train(out[maps], voc, maps)
+    return out
+
+
+def _last_masks(run):
+    return json.loads((run / "log.jsonl").read_text().splitlines()[-1])["masks"]
+
+
+def test_trainer_check_fires_on_collapse_silent_when_healthy(runs, voc, tmp_path, capsys):
+    healthy, collapsed = _last_masks(runs["colour"]), _last_masks(runs["spot"])
+    assert healthy["images"] == collapsed["images"] == 8  # the first 32 train ids: all 8
+    assert healthy["alarm"] is None and 0.02 < healthy["foreground_fraction"] < 0.3
+    assert collapsed["alarm"].startswith("train pseudo masks look collapsed")
+    assert collapsed["foreground_fraction"] > 0.9 and collapsed["low_background_share"] == 1.0
+    assert dg.run_alarm(runs["spot"]) == collapsed["alarm"] and dg.run_alarm(runs["colour"]) is None
+
+    capsys.readouterr()
+    _train(tmp_path / "again", voc, "spot", val_every=0)  # no val pass: no check
+    assert "masks" not in json.loads((tmp_path / "again" / "log.jsonl").read_text())
+    _train(tmp_path / "nomaps", voc, "none", val=False)  # a method without class maps: no check
+    assert "masks" not in json.loads((tmp_path / "nomaps" / "log.jsonl").read_text())
+    _train(tmp_path / "loud", voc, "spot")
+    assert "warning: epoch 1: train pseudo masks look collapsed" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars():
+    class TB:
+        def __init__(self):
+            self.seen = {}
+
+        def add_scalar(self, k, v, step):
+            self.seen[k] = (v, step)
+
+    tb = TB()
+    dg.tensorboard_scalars(tb, dg.mask_stats([_mask(19)] * 3).summary(), 2)
+    assert tb.seen == {"masks/foreground_fraction": (0.95, 2), "masks/mean_image_foreground": (0.95, 2),
+                       "masks/low_background_share": (1.0, 2), "masks/no_foreground_share": (0.0, 2)}
+
+
+def test_pseudo_label_diagnostics_in_summary_and_stderr(runs, voc, tmp_path, capsys):
+    capsys.readouterr()
+    res = pseudo_label(runs["spot"], voc, "val", tmp_path / "bad", device="cpu", progress=False)
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert summary["diagnostics"] == res["diagnostics"] and summary["diagnostics"]["images"] == 4
+    assert res["diagnostics"]["alarm"].startswith("pseudo masks look collapsed") and "look collapsed" in err
+
+    good = pseudo_label(runs["colour"], voc, "val", tmp_path / "good", device="cpu", progress=False)
+    assert good["diagnostics"]["alarm"] is None and good["miou"] > 0.5
+    assert "look collapsed" not in capsys.readouterr().err
+
+
+def test_summary_without_masks_and_resume(runs, voc, tmp_path):
+    """A split without masks gets a summary.json with the diagnostics (no metric); a rerun that finds
+    every PNG reads them back and writes the same bytes."""
+    root = tmp_path / "nomasks"
+    shutil.copytree(voc, root)
+    (root / "Annotations").mkdir()
+    for png in sorted((root / "SegmentationClass").glob("*.png")):  # the tags move to XML, the masks go
+        names = "".join(f"<object><name>{CLASSES[c]}</name></object>" for c in np.unique(read_mask(png)) if 0 < c < 255)
+        (root / "Annotations" / f"{png.stem}.xml").write_text(f"<annotation>{names}</annotation>")
+    shutil.rmtree(root / "SegmentationClass")
+    out = tmp_path / "pl"
+    res = pseudo_label(runs["spot"], root, "train", out, device="cpu", progress=False)
+    first = (out / "summary.json").read_bytes()
+    summary = json.loads(first)
+    assert "miou" not in summary and summary["diagnostics"]["images"] == 8 and summary["diagnostics"]["alarm"]
+    (out / "tr03.png").unlink()
+    again = pseudo_label(runs["spot"], root, "train", out, device="cpu", progress=False)
+    assert again["computed"] == 1 and (out / "summary.json").read_bytes() == first
+    assert res["diagnostics"] == again["diagnostics"]
+
+
+def test_report_and_console_show_the_alarm(runs, voc, tmp_path):
+    from wsss.pipeline import print_alarms
+    from wsss.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["spot"], run)
+    pseudo_label(run, voc, "val", run / "pseudo_val", device="cpu", progress=False)
+    page = write_report(run).read_text()
+    assert page.count('<p class="alarm">') == 2  # training's last check and the pseudo folder
+    assert "training, epoch 1: train pseudo masks look collapsed" in page
+    assert "pseudo_val: pseudo masks look collapsed" in page
+    assert page.index('<p class="alarm">') < page.index('id="curves"')  # near the top
+
+    healthy = tmp_path / "healthy"
+    shutil.copytree(runs["colour"], healthy)
+    pseudo_label(healthy, voc, "val", healthy / "pseudo_val", device="cpu", progress=False)
+    assert '<p class="alarm">' not in write_report(healthy).read_text()
+
+    console = Console(record=True, width=400)
+    print_alarms(console, {"runs": {"0": {"alarms": {"pseudo_val": "pseudo masks look collapsed: [x]"}}, "1": {}}})
+    print_alarms(console, {"alarms": {}})
+    assert console.export_text().strip() == "warning seed 0 pseudo_val: pseudo masks look collapsed: [x]"
