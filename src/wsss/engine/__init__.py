@@ -11,7 +11,11 @@ def __getattr__(name: str):
         from wsss.engine.trainer import train
 
         return train
-    if name in ("class_probabilities", "load_run", "pseudo_label", "resolve_device"):
+    if name == "pseudo_label":
+        from wsss.engine.pseudo_label import pseudo_label
+
+        return pseudo_label
+    if name in ("class_probabilities", "load_run", "resolve_device"):
         from wsss.engine import inference
 
         return getattr(inference, name)

@@ -77,13 +77,13 @@ def predict(
     from wsss.data.base import RawSample
     from wsss.engine.inference import (
         crf_channels,
-        crf_pool,
         eval_transform,
         load_run,
         resolve_device,
         seed_mask,
         seed_probs,
     )
+    from wsss.engine.pseudo_label import crf_pool
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -160,7 +160,7 @@ def predict_dataset(
     "per_class", "pixel_accuracy", ...} and writes out_dir/summary.json (the `wsss evaluate` shape).
     Resumable. It is `pseudo_label` with predicted tags (and the CRF over the predicted classes), which is
     exactly this."""
-    from wsss.engine.inference import pseudo_label
+    from wsss.engine.pseudo_label import pseudo_label
 
     result = pseudo_label(run_dir, data_root, split, out_dir, crf=crf, predicted_tags=True, device=device,
                           progress=progress)

@@ -1,0 +1,291 @@
+"""Pseudo masks over a split (`wsss pseudo-label`): the seeds of `engine/inference.py` streamed to PNG
+masks (resumable: finished PNGs are read back, not recomputed), optionally refined by a dense CRF in
+worker processes, evaluated when the split has masks, with the masks' collapse diagnostics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsss.data.base import checked_sample
+from wsss.diagnostics import MaskStats
+from wsss.engine.inference import (
+    _progress,
+    _tensor,
+    _threshold_mask,
+    crf_channels,
+    eval_transform,
+    load_run,
+    loader_iter,
+    resolve_device,
+    resolve_workers,
+    seed_mask,
+    seed_probs,
+)
+from wsss.errors import ConfigError, DataError
+from wsss.io import atomic_write_bytes, atomic_write_json, read_mask, write_mask
+
+# ------------------------------------------------------------------------------------------ pseudo masks
+
+
+def _identity(x):
+    return x
+
+
+class _Items(torch.utils.data.Dataset):
+    """What the main loop needs per image, decoded in loader workers. A `done` image (its PNG exists)
+    yields only its stored prediction and GT, for the metric. With `skip_bad`, an image raising DataError
+    yields {"id", "error": "PATH: problem"} instead."""
+
+    def __init__(self, dataset, indices, done: set[int], out_dir: Path, transform, need_rgb: bool,
+                 skip_bad: bool = False):
+        self.dataset, self.indices, self.done, self.out_dir = dataset, indices, done, out_dir
+        self.transform, self.need_rgb, self.skip_bad = transform, need_rgb, skip_bad
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        try:
+            return self._item(self.indices[k])
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            return {"id": self.dataset.ids[self.indices[k]], "error": " ".join(str(e).split())}
+
+    def _item(self, i: int) -> dict:
+        ds = self.dataset
+        if i in self.done:
+            pred_path = self.out_dir / f"{ds.ids[i]}.png"
+            gt, pred = ds.load_mask(i), read_mask(pred_path)
+            if gt is not None and gt.shape != pred.shape:
+                raise DataError(f"{pred_path}: pseudo mask is {pred.shape[1]}x{pred.shape[0]} but the ground truth "
+                                f"of {ds.ids[i]} is {gt.shape[1]}x{gt.shape[0]}")
+            return {"id": ds.ids[i], "mask": gt, "pred": pred}
+        sample = checked_sample(ds, i)
+        return {
+            "id": sample.id,
+            "mask": sample.mask,
+            "tags": sample.tags,
+            "size": (sample.image.height, sample.image.width),
+            "image": self.transform(sample, ds.num_classes)["image"],
+            "rgb": np.array(sample.image, dtype=np.uint8) if self.need_rgb else None,  # writable: pydensecrf needs it
+        }
+
+
+def _save_maps(path: Path, keep: list[int], probs: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, probs=probs.cpu().numpy().astype(np.float16), classes=np.asarray(keep, dtype=np.int16))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def crf_pool(crf_cfg):
+    """A CRFPool for this CRF config; a ConfigError now (not in a worker) when its backend cannot run."""
+    from wsss.postprocess.crf import CRFPool, choose_backend
+
+    choose_backend(crf_cfg)  # CRF workers run on the CPU
+    return CRFPool(crf_cfg.workers)
+
+
+def _metrics(cm, class_names) -> dict:
+    """The `wsss evaluate` JSON shape: miou, per_class {name: {iou, precision, recall}}, pixel_accuracy."""
+    res = cm.compute()
+    per_class = {n: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
+                 for c, n in enumerate(class_names)}
+    return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch."""
+    settings = {**settings, "crf_config": {k: v for k, v in (settings["crf_config"] or {}).items() if k != "workers"}}
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ConfigError(f"{path.parent}: holds pseudo masks made with other settings ({', '.join(diff)} differ); "
+                              "choose another --out or delete the folder")
+    else:
+        atomic_write_json(path, settings)
+
+
+def pseudo_label(
+    run_dir,
+    data_root,
+    split: str,
+    out_dir,
+    checkpoint=None,
+    crf: bool = False,
+    predicted_tags: bool = False,
+    scales: list[float] | None = None,
+    flip: bool | None = None,
+    bg_threshold: float | None = None,
+    save_maps: bool = False,
+    sweep_thresholds: list[float] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    data_format: str | None = None,
+    skip_bad: bool = False,
+    threshold_source: str = "",
+) -> dict:
+    """Write OUT/<id>.png pseudo masks for a split; with GT masks also the mIoU (returned, and written to
+    OUT/summary.json in the `wsss evaluate` shape). Always: OUT/summary.json's (and the result's)
+    "diagnostics", the masks' foreground figures and collapse alarm (wsss.diagnostics; on stderr when it fires).
+
+    Streams: a loader with a bounded prefetch window, CRF workers with a bounded number of images in flight,
+    so memory does not grow with the split. Resumable: an image whose PNG exists (and its maps file, with
+    save_maps) is not recomputed, only read back for the metric, so a rerun after a kill finishes the job
+    with the same bytes as an uninterrupted run. `save_maps`: OUT/maps/<id>.npz holding `probs` (float16
+    [K, H, W]) and `classes` (the K kept class ids, background first). `sweep_thresholds` (methods without a
+    background channel, a split with masks): the maps are computed once and the mIoU is taken for each
+    constant background threshold; writes OUT/sweep.json and NO masks; returns
+    {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
+    A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
+    and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
+    problems: ids naming missing images, repeated ids, paths).
+    Every JSON written carries a `protocol` (wsss.provenance.protocol; `threshold_source` says how the
+    background threshold was chosen, default "fixed") and OUT/env.json records the environment.
+    """
+    from wsss.data import open_dataset
+    from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
+    from wsss.provenance import checkpoint_label, protocol, write_env
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    cfg, method, class_names = load_run(run_dir, checkpoint, dev)
+    if scales is not None:
+        cfg.infer.scales = [float(s) for s in scales]
+    if flip is not None:
+        cfg.infer.flip = bool(flip)
+    if bg_threshold is not None:
+        cfg.infer.bg_threshold = float(bg_threshold)
+    same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
+    fmt = data_format or (cfg.data.format if same_root else "auto")
+    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "", strict=not skip_bad)
+    skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
+    if ds.num_classes != len(class_names):
+        raise DataError(f"{data_root}: {ds.num_classes} classes, but the run was trained on {len(class_names)} "
+                        f"({', '.join(class_names)})")
+    if list(ds.class_names) != list(class_names):
+        print(f"warning: the class names of {data_root} differ from the run's classes.json", file=sys.stderr)
+    out_dir = Path(out_dir)
+    sweep = sorted({float(t) for t in sweep_thresholds}) if sweep_thresholds else None
+    if sweep is not None:
+        if method.has_background:
+            raise ConfigError(f"a background-threshold sweep applies to methods without a background channel "
+                              f"(CAM-style); {cfg.method.name} predicts its own background")
+        if not ds.has_masks:
+            raise DataError(f"{data_root}: split {split!r} has no ground-truth masks to sweep thresholds on")
+        crf = save_maps = False
+    pool = crf_pool(cfg.infer.crf) if crf else None
+
+    done: set[int] = set()
+    if sweep is None:
+        _check_settings(out_dir / "pseudo_label.json", {
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else str(Path(run_dir).resolve()),
+            "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales,
+            "flip": cfg.infer.flip, "size": cfg.infer.size, "bg_threshold": cfg.infer.bg_threshold,
+            "bg_alpha": cfg.infer.bg_alpha, "crf_config": dataclasses.asdict(cfg.infer.crf) if crf else None,
+            # only when not the default, so folders written before these keys existed still resume
+            **({"resize": cfg.infer.resize} if cfg.infer.resize != "short" else {}),
+            **({"normalise": cfg.infer.normalise} if cfg.infer.normalise != "full" else {}),
+        })
+        for i, id_ in enumerate(ds.ids):
+            if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
+                done.add(i)
+    indices = list(range(len(ds)))  # done images too: their PNGs are read back for the metric and diagnostics
+    workers = resolve_workers(cfg.data.num_workers)
+    items = _Items(ds, indices, done, out_dir, eval_transform(cfg), need_rgb=crf, skip_bad=skip_bad)
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=None, collate_fn=_identity, num_workers=workers,
+        prefetch_factor=2 if workers else None, pin_memory=dev.type == "cuda",
+    )
+    cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
+    diag = MaskStats()  # the collapse alarm's counts (wsss.diagnostics), over every mask of the folder
+    sweep_cm = MultiConfusion(ds.num_classes, sweep) if sweep else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_env(out_dir)
+    used = checkpoint or (Path(run_dir) / "best.pt" if (Path(run_dir) / "best.pt").is_file() else Path(run_dir) / "last.pt")
+    stage = "stage2" if getattr(method, "target", "label") == "mask" else ("crf" if crf else "seeds")
+    proto = protocol(split, stage, predicted_tags, cfg.infer, bool(crf), bool(method.has_background),
+                     checkpoint_label(used, cfg.data.val_split), threshold_source)
+    pending: dict[str, tuple[list[int], np.ndarray | None]] = {}  # CRF in flight: id -> (kept classes, gt)
+    computed = 0
+
+    def finish(id_: str, pred: np.ndarray, gt) -> None:
+        write_mask(out_dir / f"{id_}.png", pred)
+        diag.add(pred)
+        if cm is not None:
+            cm.update(torch.from_numpy(pred), _tensor(gt))
+
+    def work():
+        """Handles every image; yields the CRF jobs (id, rgb, probs) for the pool."""
+        nonlocal computed
+        with loader_iter(loader) as batches:
+            for item in _progress(batches, progress, f"pseudo-label {split}", total=len(items)):
+                if "error" in item:  # skip_bad
+                    print(f"warning: skipped {item['error']}", file=sys.stderr)
+                    skipped.append(item["error"])
+                    continue
+                gt = item["mask"]
+                if "pred" in item:  # finished by an earlier run
+                    diag.add(item["pred"])
+                    if cm is not None:
+                        cm.update(_tensor(item["pred"]), _tensor(gt))
+                    continue
+                computed += 1
+                keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
+                                         cfg.infer, item["size"])
+                if sweep_cm is not None:
+                    gt_t = _tensor(gt)
+                    for t in sweep:
+                        sweep_cm.update(t, _threshold_mask(keep, probs, t).cpu(), gt_t)
+                    continue
+                if save_maps:  # before the PNG: a PNG on disk means the image is complete
+                    _save_maps(out_dir / "maps" / f"{item['id']}.npz", keep, probs)
+                if pool is None:
+                    finish(item["id"], seed_mask(keep, probs), gt)
+                else:
+                    keep, probs = crf_channels(method, keep, probs)
+                    pending[item["id"]] = (keep, gt)
+                    yield item["id"], item["rgb"], probs.cpu().numpy()
+
+    if pool is None:
+        for _ in work():
+            pass
+    else:
+        with pool:
+            for id_, idx in pool.map(work(), cfg.infer.crf):
+                keep, gt = pending.pop(id_)
+                finish(id_, np.asarray(keep, dtype=np.uint8)[np.asarray(idx)], gt)
+
+    result: dict = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out_dir)}
+    if skipped:
+        result["skipped"] = skipped
+    if sweep_cm is not None:
+        table = {t: sweep_cm[t].compute()["miou"] for t in sweep}
+        best, res = sweep_cm.best()
+        result.update(sweep=table, best_threshold=best, best_miou=res["miou"])
+        atomic_write_json(out_dir / "sweep.json", {
+            "split": split, "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
+            "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
+            "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {split}"},
+        })
+    else:  # the metric with masks; the diagnostics always
+        summary = {**(_metrics(cm, ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
+                   "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
+                   **({"skipped": skipped} if skipped else {}), "protocol": proto,
+                   "diagnostics": diag.summary(has_background=bool(method.has_background) or not method.uses_tags)}
+        if summary["diagnostics"]["alarm"]:
+            print(f"warning: {out_dir}: {summary['diagnostics']['alarm']}", file=sys.stderr)
+        atomic_write_json(out_dir / "summary.json", summary)  # no timings: a resumed run writes the same bytes
+        result.update(summary)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result
