@@ -398,84 +398,19 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
 
-        sums: dict[str, float] = defaultdict(float)
-        skipped: dict[str, None] = {}  # data.skip_bad: this epoch's skipped samples, in order
-        n_steps, n_images, t0 = 0, 0, time.time()
-        bar = None
-        if progress and main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
-        # On an error too: the bar is cleared before the CLI prints it, the loader's workers are stopped.
-        with loader_iter(loader) as batches, bar if bar is not None else contextlib.nullcontext():
-            for batch in batches:
-                if n_steps >= steps:
-                    break
-                skipped.update(dict.fromkeys(_batch_skipped(batch)))
-                images = batch["image"].to(dev, non_blocking=True)
-                labels = batch[method.target].to(dev, non_blocking=True)  # "label", or "mask" (stage 2)
-                if t.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-                    losses = model(images, labels, epoch)
-                loss = losses["loss"]
-                terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
-                if D.any_rank(not math.isfinite(terms["loss"]), dev):
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                    raise TrainingError(
-                        f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
-                        f"{last_path} keeps the last good epoch; lower train.lr, set train.grad_clip or train.amp=off"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if t.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], t.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                method.after_step()
-                step += 1
-                n_steps += 1
-                n_images += images.shape[0]
-                for k, v in terms.items():
-                    sums[k] += v
-                if tb is not None:
-                    for k, v in terms.items():
-                        tb.add_scalar(f"train/{k}", v, step)
-                    tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-                if bar is not None:
-                    bar.update(1)
-                    if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
-                        bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
+        t0 = time.time()
+        sums, skipped, n_steps, n_images, step = _run_epoch(
+            cfg, method, model, loader, opt, sched, scaler, amp_dtype, trainable, dev, epoch, step, steps,
+            tb, progress and main, last_path)
         seconds = time.time() - t0
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
 
-        if val_raw is not None and t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
-            tv = time.time()
-            method.eval()
-            val_skipped: list[str] = []
-            cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=progress and main,
-                                **({"skipped": val_skipped} if cfg.data.skip_bad else {}))
-            skipped.update(dict.fromkeys(val_skipped))
-            cm.all_reduce()
-            last_miou = cm.compute()["miou"]
-            record.update(miou=last_miou, val_seconds=round(time.time() - tv, 3))
-            improved = last_miou is not None and (best is None or last_miou > best)
-            if improved:
-                best = last_miou
-                if main:
-                    save_checkpoint(best_path, {"model": method.state_dict(), "epoch": epoch + 1, "miou": best})
-        if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):  # no GT: val or not
-            method.eval()
-            masks = train_check(method, train_raw, cfg, info)  # the collapse alarm, wsss.diagnostics
-            if masks is not None:  # None: a method without class maps (AffinityNet)
-                record["masks"] = masks
-            if main and (masks or {}).get("alarm"):
-                print(f"warning: epoch {epoch + 1}: {masks['alarm']}", file=sys.stderr)
-
+        if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+            miou, best = _validate(cfg, method, train_raw, val_raw, info, record, skipped, best, best_path,
+                                   epoch, progress and main)
+            last_miou = miou if val_raw is not None else last_miou
         rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
         if cfg.data.skip_bad:  # every rank's skips, listed in log.jsonl and RUN/skipped.txt
             skipped = dict.fromkeys(m for rank in D.all_gather_object(list(skipped)) for m in rank)
@@ -504,6 +439,92 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         tb.close()
     return {"epochs": t.epochs, "best_miou": best, "miou": last_miou,
             "seconds": round(time.time() - t_start, 3), "out_dir": str(out)}
+
+
+def _run_epoch(cfg, method, model, loader, opt, sched, scaler, amp_dtype, trainable, dev, epoch: int, step: int,
+               steps: int, tb, show: bool, last_path: Path):
+    """One epoch's optimisation steps. Returns (loss sums, skipped samples, steps, images, global step)."""
+    t = cfg.train
+    sums: dict[str, float] = defaultdict(float)
+    skipped: dict[str, None] = {}  # data.skip_bad: this epoch's skipped samples, in order
+    n_steps, n_images = 0, 0
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
+    # On an error too: the bar is cleared before the CLI prints it, the loader's workers are stopped.
+    with loader_iter(loader) as batches, bar if bar is not None else contextlib.nullcontext():
+        for batch in batches:
+            if n_steps >= steps:
+                break
+            skipped.update(dict.fromkeys(_batch_skipped(batch)))
+            images = batch["image"].to(dev, non_blocking=True)
+            labels = batch[method.target].to(dev, non_blocking=True)  # "label", or "mask" (stage 2)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+                losses = model(images, labels, epoch)
+            loss = losses["loss"]
+            terms = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+            if D.any_rank(not math.isfinite(terms["loss"]), dev):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                raise TrainingError(
+                    f"non-finite loss at epoch {epoch + 1}, step {n_steps + 1} (global step {step + 1}): {shown}. "
+                    f"{last_path} keeps the last good epoch; lower train.lr, set train.grad_clip or train.amp=off"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            method.after_step()
+            step += 1
+            n_steps += 1
+            n_images += images.shape[0]
+            for k, v in terms.items():
+                sums[k] += v
+            if tb is not None:
+                for k, v in terms.items():
+                    tb.add_scalar(f"train/{k}", v, step)
+                tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+            if bar is not None:
+                bar.update(1)
+                if n_steps % max(1, t.log_every) == 0 or n_steps == steps:
+                    bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in sums.items()}, refresh=False)
+    return sums, skipped, n_steps, n_images, step
+
+
+def _validate(cfg, method, train_raw, val_raw, info, record: dict, skipped: dict, best, best_path: Path,
+              epoch: int, show: bool):
+    """The validation pass: val pseudo-mask mIoU (when val exists; best.pt on improvement) and the
+    collapse check on a fixed train subset, which needs no GT. Updates `record` and `skipped`;
+    returns (miou or None, best)."""
+    miou = None
+    if val_raw is not None:
+        tv = time.time()
+        method.eval()
+        val_skipped: list[str] = []
+        cm = evaluate_seeds(method, val_raw, cfg, D.shard(len(val_raw), info), progress=show,
+                            **({"skipped": val_skipped} if cfg.data.skip_bad else {}))
+        skipped.update(dict.fromkeys(val_skipped))
+        cm.all_reduce()
+        miou = cm.compute()["miou"]
+        record.update(miou=miou, val_seconds=round(time.time() - tv, 3))
+        if miou is not None and (best is None or miou > best):
+            best = miou
+            if info.is_main:
+                save_checkpoint(best_path, {"model": method.state_dict(), "epoch": epoch + 1, "miou": best})
+    method.eval()
+    masks = train_check(method, train_raw, cfg, info)  # the collapse alarm, wsss.diagnostics
+    if masks is not None:  # None: a method without class maps (AffinityNet)
+        record["masks"] = masks
+    if info.is_main and (masks or {}).get("alarm"):
+        print(f"warning: epoch {epoch + 1}: {masks['alarm']}", file=sys.stderr)
+    return miou, best
 
 
 def _tensorboard(out: Path):
