@@ -18,6 +18,15 @@ Why not more than ~2.5x at 21 classes: pydensecrf's cost per image is a fixed pa
 bilateral permutohedral lattice, ~0.1-0.5 s at 500x375 depending on the image's colour noise, and a
 per-iteration overhead) plus a part linear in the number of labels; only the second shrinks with fewer
 channels. `--phases` times the two parts.
+
+Backends (issue 18): `--backend torch|pydensecrf|both` times the backends instead: ms per image at 1 thread
+and at all threads, for the present classes (2-3 channels), 21 and 81 channels, the preset's 10 iterations,
+peak RSS growth during one call (CUDA: torch.cuda.max_memory_allocated), images per second over the images
+with `--workers` CRF worker processes (CRFPool), and a CUDA column when a GPU is there. `--agreement` also
+labels every image with both backends: share of equal pixels and each backend's mIoU against the masks.
+
+    python benchmarks/bench_crf.py --backend both --images 3 --agreement            # all presets
+    python benchmarks/bench_crf.py --backend both --images 3 --agreement --write   # the "Dense CRF: torch backend" section
 """
 
 from __future__ import annotations
@@ -33,10 +42,10 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from wsss.config import CRFConfig
-from wsss.postprocess.crf import refine, resolve
+from wsss.postprocess.crf import CRFPool, has_pydensecrf, refine, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table, write_section  # noqa: E402
+from common import RSSPeak, machine, table, write_section  # noqa: E402
 
 H, W = 375, 500
 
@@ -206,7 +215,134 @@ def markdown(results: list[dict], command: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def _channels(probs: np.ndarray, mask: np.ndarray, channels: str) -> np.ndarray:
+    return probs[present_classes(mask)] if channels == "present" else probs
+
+
+def time_backend(samples: list, backend: str, cfg: CRFConfig, channels: str, threads: int,
+                 device: str = "cpu") -> dict:
+    """Median / min ms per image of `refine` with `backend` on `samples` (CUDA: one warm-up call first), and the
+    peak memory one call adds (CPU: RSS sampled by a thread; CUDA: max_memory_allocated)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = replace(cfg, backend=backend)
+        dev = None if device == "cpu" else device
+        if device != "cpu":  # CUDA context and kernels: not the image's cost
+            image, mask, probs = samples[0]
+            refine(image, _channels(probs, mask, channels), cfg, dev)
+        times, peak = [], 0.0
+        for image, mask, probs in samples:
+            p = _channels(probs, mask, channels)
+            if device != "cpu":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                refine(image, p, cfg, dev)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+            else:
+                with RSSPeak(0.005) as rss:
+                    t0 = time.perf_counter()
+                    refine(image, p, cfg, dev)
+                    times.append(time.perf_counter() - t0)
+                peak = max(peak, rss.main_mb - rss.start_mb)
+        return {"ms": 1000 * float(np.median(times)), "min_ms": 1000 * min(times), "peak_mb": peak,
+                "k": int(p.shape[0])}
+    finally:
+        torch.set_num_threads(old)
+
+
+def split_throughput(samples: list, backend: str, cfg: CRFConfig, channels: str, workers: int) -> float:
+    """Images per second of CRF over the samples with `workers` worker processes (CRFPool, one thread
+    each), pool start-up excluded."""
+    cfg = replace(cfg, backend=backend)
+    with CRFPool(workers=workers) as pool:
+        first = samples[0]
+        list(pool.map([(0, first[0], _channels(first[2], first[1], channels))], cfg))  # start the workers
+        t0 = time.perf_counter()
+        n = sum(1 for _ in pool.map(((i, im, _channels(pr, m, channels)) for i, (im, m, pr) in enumerate(samples)), cfg))
+        return n / (time.perf_counter() - t0)
+
+
+def agreement(samples: list, cfg: CRFConfig, channels: str, num_classes: int) -> dict:
+    """Both backends on every sample: share of pixels with the same label, each one's mIoU vs the masks."""
+    same = total = 0
+    conf = {b: np.zeros((num_classes, num_classes), np.int64) for b in ("pydensecrf", "torch")}
+    for image, mask, probs in samples:
+        keep = present_classes(mask) if channels == "present" else np.arange(num_classes)
+        out = {b: keep[refine(image, probs[keep], replace(cfg, backend=b))] for b in conf}
+        same += int((out["pydensecrf"] == out["torch"]).sum())
+        total += mask.size
+        for b in conf:
+            conf[b] += confusion(out[b].astype(np.int64), mask.astype(np.int64), num_classes)
+    return {"agree": same / total, "miou": {b: miou(c) for b, c in conf.items()}}
+
+
+def run_backends(images: int, seed: int, presets: list[str], backends: list[str], channel_sets: list[str],
+                 threads: list[int], workers: int, do_agreement: bool) -> dict:
+    import torch
+
+    rows, agree_rows = [], []
+    cuda = torch.cuda.is_available()
+    for chans in channel_sets:
+        nc = 81 if chans == "81" else 21
+        rng = np.random.default_rng(seed)
+        samples = [make_sample(rng, nc) for _ in range(images)]
+        which = "present" if chans == "present" else "all"
+        cfg = resolve(CRFConfig(preset=presets[0]))
+        for backend in backends:
+            row = {"channels": chans, "backend": backend, "preset": presets[0]}
+            for t in threads:
+                row[f"cpu_{t}"] = time_backend(samples, backend, cfg, which, t)
+            if workers > 0:
+                row["img_s"] = split_throughput(samples, backend, cfg, which, workers)
+            if cuda and backend == "torch":
+                row["cuda"] = time_backend(samples, backend, cfg, which, 1, "cuda")
+            rows.append(row)
+            print(row, flush=True)
+        if do_agreement:
+            for preset in presets:
+                a = agreement(samples, resolve(CRFConfig(preset=preset)), which, nc)
+                agree_rows.append({"channels": chans, "preset": preset, **a})
+                print(agree_rows[-1], flush=True)
+    return {"rows": rows, "agreement": agree_rows, "threads": threads, "workers": workers, "images": images,
+            "cuda": cuda}
+
+
+def backends_markdown(res: dict, command: str) -> str:
+    label = {"present": "present (bg + tags)", "21": "21 (all VOC)", "81": "81 (all COCO)"}
+    heads = ["channels", "backend"] + [f"ms / image, {t} thread{'s' if t > 1 else ''} (median; min)"
+                                       for t in res["threads"]]
+    heads += ["peak MB / image", f"images / s, {res['workers']} workers"] + (["CUDA ms (peak MB)"] if res["cuda"] else [])
+    body = []
+    for r in res["rows"]:
+        k = r[f"cpu_{res['threads'][0]}"]["k"]
+        line = [f"{label[r['channels']]}, K={k}" if r["channels"] == "present" else label[r["channels"]], r["backend"]]
+        line += [f"{r[f'cpu_{t}']['ms']:.0f} ({r[f'cpu_{t}']['min_ms']:.0f})" for t in res["threads"]]
+        line += [f"{max(r[f'cpu_{t}']['peak_mb'] for t in res['threads']):.0f}", f"{r.get('img_s', 0):.2f}"]
+        if res["cuda"]:
+            line.append(f"{r['cuda']['ms']:.1f} ({r['cuda']['peak_mb']:.0f})" if "cuda" in r else "")
+        body.append(line)
+    text = (f"Command: `{command}`  \nMachine: {machine()}.  \n{res['images']} synthetic 500x375 images "
+            f"(`make_sample`), preset `{res['rows'][0]['preset']}` (10 iterations).\n\n" + table(heads, body) + "\n")
+    if not res["cuda"]:
+        text += ("\nNo CUDA device here; on a GPU machine the same command adds the CUDA column "
+                 "(`python benchmarks/bench_crf.py --backend torch --images 10`).\n")
+    if res["agreement"]:
+        body = [[label[a["channels"]], a["preset"], f"{100 * a['agree']:.2f}",
+                 f"{100 * a['miou']['pydensecrf']:.2f}", f"{100 * a['miou']['torch']:.2f}",
+                 f"{100 * (a['miou']['torch'] - a['miou']['pydensecrf']):+.2f}"] for a in res["agreement"]]
+        text += ("\nAgreement, the same images: share of pixels with the same label, and mIoU against the exact "
+                 "masks:\n\n" + table(["channels", "preset", "same label %", "pydensecrf mIoU %", "torch mIoU %",
+                                         "delta (points)"], body) + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> list[dict] | dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -214,11 +350,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-classes", type=int, default=21, help="label count (21: VOC, 81: COCO)")
     ap.add_argument("--sweep-iterations", default="", help="comma-separated mean-field iteration counts to compare")
     ap.add_argument("--write", action="store_true", help="run 21 and 81 classes and update RESULTS.md")
+    ap.add_argument("--backend", choices=["torch", "pydensecrf", "both"], default=None,
+                    help="time the backends (1 and all threads, present / 21 / 81 channels) instead")
+    ap.add_argument("--channels", default="present,21,81", help="with --backend: present, 21, 81")
+    ap.add_argument("--threads", default="", help="with --backend: thread counts (default: 1 and all)")
+    ap.add_argument("--workers", type=int, default=-1, help="with --backend: CRF workers for images/s (-1: all cores, 0: skip)")
+    ap.add_argument("--agreement", action="store_true", help="with --backend both: labels of both, every preset")
     args = ap.parse_args(argv)
+    command = "python benchmarks/bench_crf.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.backend:
+        import torch
+
+        from wsss.postprocess.crf import default_workers
+
+        backends = ["pydensecrf", "torch"] if args.backend == "both" else [args.backend]
+        if "pydensecrf" in backends and not has_pydensecrf():
+            ap.error("pydensecrf2 is not installed (pip install 'wsss[crf-native]')")
+        threads = [int(t) for t in args.threads.split(",") if t] or sorted({1, torch.get_num_threads()})
+        presets = ["vit_pcm", "psa", "toco"] if args.agreement else [args.preset]
+        if args.agreement and args.preset in presets:
+            presets = [args.preset] + [p for p in presets if p != args.preset]
+        res = run_backends(args.images, args.seed, presets, backends, args.channels.split(","), threads,
+                           default_workers() if args.workers < 0 else args.workers,
+                           args.agreement and len(backends) == 2)
+        res["markdown"] = backends_markdown(res, command.strip())
+        print(res["markdown"])
+        if args.write:
+            write_section("crf_torch", "Dense CRF: torch backend", res["markdown"])
+        return res
     counts = [21, 81] if args.write else [args.num_classes]
     sweep = [int(n) for n in args.sweep_iterations.split(",") if n] or ([1, 2, 3, 5, 10] if args.write else [])
     results = [run(args.images, args.seed, args.preset, n) for n in counts]
-    command = "python benchmarks/bench_crf.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, command.strip())
     if sweep:
         text += sweep_markdown(iteration_sweep(args.images, args.seed, args.preset, counts[0], sweep), counts[0])

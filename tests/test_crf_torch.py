@@ -9,7 +9,13 @@ from scipy.ndimage import gaussian_filter
 from wsss.config import ConfigError, CRFConfig
 from wsss.postprocess import crf as crf_mod
 from wsss.postprocess.crf import PRESETS, choose_backend, has_pydensecrf, refine, resolve
-from wsss.postprocess.crf_torch import Lattice, bilateral_features, mean_field, position_features, refine_batch
+from wsss.postprocess.crf_torch import (
+    Lattice,
+    bilateral_features,
+    mean_field,
+    position_features,
+    refine_batch,
+)
 
 
 def _image(h, w, seed=0):
@@ -133,3 +139,36 @@ def test_cuda_matches_cpu():
     on_gpu = refine(image, probs, cfg, device="cuda")
     on_cpu = refine(image, probs, CRFConfig(preset="vit_pcm", backend="torch"))
     assert (on_gpu == on_cpu).mean() >= 0.999
+
+
+def test_sparse_filter_equals_vertex_by_vertex_reference():
+    """The CSR splat / blur / slice matrices compute what the index_add_ + gather formulation does."""
+    h, w = 20, 24
+    f = bilateral_features(torch.from_numpy(np.stack([_image(h, w, 0), _image(h, w, 1)])), 4.0, 8.0)
+    v = torch.rand(2, h * w, 5, generator=torch.Generator().manual_seed(2))
+    lat = Lattice(f)
+    ref = lat.filter_reference(v)
+    assert torch.allclose(lat.filter(v), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_bench_crf_backend_mode_tiny(monkeypatch):
+    """`benchmarks/bench_crf.py --backend` on one small image: both backends where pydensecrf is there
+    (and their agreement), torch alone otherwise; rows with ms, peak memory and the markdown table."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("bench_crf", None)
+    bench_crf = importlib.import_module("bench_crf")
+    monkeypatch.setattr(bench_crf, "H", 60)
+    monkeypatch.setattr(bench_crf, "W", 80)
+    backend = "both" if has_pydensecrf() else "torch"
+    res = bench_crf.main(["--backend", backend, "--images", "1", "--channels", "present,21", "--threads", "1",
+                          "--workers", "0", *(["--agreement"] if backend == "both" else [])])
+    assert [(r["channels"], r["backend"]) for r in res["rows"]][:2] in (
+        [("present", "pydensecrf"), ("present", "torch")], [("present", "torch"), ("21", "torch")])
+    assert all(r["cpu_1"]["ms"] > 0 and r["cpu_1"]["peak_mb"] >= 0 for r in res["rows"])
+    assert "ms / image, 1 thread" in res["markdown"]
+    if backend == "both":
+        assert len(res["agreement"]) == 6 and all(a["agree"] >= 0.99 for a in res["agreement"])

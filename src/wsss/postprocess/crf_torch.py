@@ -23,13 +23,16 @@ along each of the d+1 lattice directions, the same final scaling constant), so l
 pydensecrf's to floating-point noise, not merely to "both approximate a Gaussian"; tests measure it
 against exact O(N^2) filtering and against pydensecrf. Vectorised: lattice keys are packed into one
 int64 code each (the packing is linear, so a neighbour's code is the key's code plus a constant),
-deduplicated with `torch.unique`, neighbours found with `torch.searchsorted`, splatting by `index_add_`.
+deduplicated with `torch.unique`, neighbours found with `torch.searchsorted`; splat, blur and slice are
+sparse CSR matrices built once per image (and reused by every mean-field iteration), applied to all
+channels at once by sparse-dense matmuls.
 Device-agnostic: the same code runs on CPU and CUDA; several images of one size go through as a batch.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -122,9 +125,51 @@ class Lattice:
                 out.append(torch.where(uniq[pos] == want, pos, torch.full_like(pos, m)))  # m: the zero row
         self.n1, self.n2 = n1, n2
         self.alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self._build_sparse(dev)
+
+    def _build_sparse(self, dev) -> None:
+        """splat, the d+1 blurs and slice as CSR matrices: one sparse-dense matmul each, all C channels at
+        once (multi-threaded on CPU, cuSPARSE on CUDA); 2-3x faster at 21 channels on CPU than index_add_
+        and gathers vertex by vertex (`filter_reference`)."""
+        p, d1, m = self.b * self.n, self.d + 1, self.m
+        rows = self.offsets.reshape(-1)
+        w = self.weights.reshape(-1)
+        # slice [P, M]: row i holds the d+1 vertices of point i
+        # int32 indices where they fit: MKL's (and cuSPARSE's) own, no conversion on every matmul
+        ix = torch.int32 if 3 * max(p * d1, m) < 2**31 else torch.int64
+
+        def csr(crow, col, val, size):
+            return torch.sparse_csr_tensor(crow.to(ix), col.to(ix), val, size)
+
+        self.slice_m = csr(torch.arange(0, p * d1 + 1, d1, device=dev), rows, w, (p, m))
+        # splat [M, P] = slice^T: points sorted by lattice vertex
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=m)
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(counts, 0)])
+        self.splat_m = csr(crow, torch.div(order, d1, rounding_mode="floor"), w[order], (m, p))
+        # blur along direction j [M, M]: 1 on the diagonal, 1/2 on each neighbour that exists (no
+        # duplicate or explicit-zero entries, which not every sparse backend accepts)
+        ar = torch.arange(m, device=dev)
+        weights3 = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(m, 3)
+        self.blur_m = []
+        for j in range(d1):
+            cols = torch.stack([ar, self.n1[j], self.n2[j]], 1)  # [M, 3]; m = no neighbour
+            ok = cols < m
+            crow_j = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(ok.sum(1), 0)])
+            self.blur_m.append(csr(crow_j, cols[ok], weights3[ok], (m, m)))
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """values [B, N, C] -> [B, N, C]: splat, blur along the d+1 directions, slice."""
+        """values [B, N, C] -> [B, N, C]: splat, blur along the d+1 directions, slice (sparse matmuls)."""
+        b, n, c = values.shape
+        buf = self.splat_m @ values.reshape(b * n, c).to(torch.float32).contiguous()
+        for blur in self.blur_m:
+            buf = blur @ buf
+        return (self.slice_m @ buf * self.alpha).reshape(b, n, c)
+
+    def filter_reference(self, values: torch.Tensor) -> torch.Tensor:
+        """The same filter by index_add_ and gathers, vertex by vertex (the sparse matrices' check)."""
         b, n, c = values.shape
         vals = values.reshape(b * n, c).to(torch.float32)
         buf = torch.zeros(self.m + 1, c, device=vals.device, dtype=torch.float32)
