@@ -118,8 +118,9 @@ def run_row(exp: str, setting: str, fam: str, seed: int, extra: list[str], work:
     infer = {"scales": cfg.infer.scales, "flip": cfg.infer.flip, "progress": False}
     sweep = pseudo_label(run_dir, data_root, "train", run_dir / "sweep", sweep_thresholds=THRESHOLDS, **infer)
     thr = sweep["best_threshold"]
-    train_res = pseudo_label(run_dir, data_root, "train", run_dir / "train", bg_threshold=thr, **infer)
-    val_res = pseudo_label(run_dir, data_root, "val", run_dir / "val", bg_threshold=thr, **infer)
+    chosen = {"bg_threshold": thr, "threshold_source": "swept on train"}
+    train_res = pseudo_label(run_dir, data_root, "train", run_dir / "train", **chosen, **infer)
+    val_res = pseudo_label(run_dir, data_root, "val", run_dir / "val", **chosen, **infer)
     def measured(res: dict) -> list[str]:  # classes present there (absent ones have no precision / recall)
         return [c for c, v in res["per_class"].items() if c != "background"
                 and v["precision"] is not None and v["recall"] is not None]

@@ -141,7 +141,7 @@ def test_usage_cnn_premise_rows_and_table(bench, tmp_path, capsys):
     assert [r["extra"] for r in rows] == ["method.tau=-4.0 method.tau_mode=scaled", "method.tau=inf method.tau_mode=plain"]
     for r in rows:
         assert 0 <= r["val_miou"] <= 1 and 0 <= r["val_fg_fraction"] <= 1 and r["best_threshold"] in mod.THRESHOLDS
-        assert 0 <= r["train_recall_lt_precision"] <= 1 and r["protocol"]["split"] == "val"
+        assert 0 <= r["train_recall_lt_precision"] <= 1 and r["protocol"]["split"] == "val" and r["protocol"]["bg_threshold_chosen"] == "swept on train"
     assert rows[1]["alpha_entropy"] == 1.0 and 0 < rows[0]["alpha_entropy"] <= 1  # GAP's weights are uniform
     capsys.readouterr()
     mod.main(["table", "--work", str(tmp_path)])
