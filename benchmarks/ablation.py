@@ -40,7 +40,7 @@ import torch
 
 from wsss.config import load_config
 from wsss.data.demo import ensure_demo
-from wsss.engine.pseudo_label import pseudo_label
+from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.methods import METHODS
 

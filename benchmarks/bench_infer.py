@@ -1,4 +1,4 @@
-"""Pseudo-label throughput (images/s) and peak memory of `wsss.engine.pseudo_label.pseudo_label` on the demo
+"""Pseudo-label throughput (images/s) and peak memory of `wsss.engine.pseudo_masks.pseudo_label` on the demo
 data, without and with the dense CRF, and the streaming claim: peak RSS does not grow with the number of
 images (the same run over subsets of val of increasing size).
 
@@ -32,7 +32,7 @@ def label(run_dir: str, data_root: str, split: str, out_dir: str, crf: bool, thr
     """One pseudo-labelling pass (run isolated for its peak RSS)."""
     import torch
 
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
 
     if threads:
         torch.set_num_threads(threads)

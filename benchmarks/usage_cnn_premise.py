@@ -29,7 +29,7 @@ import torch
 
 from wsss.config import load_config
 from wsss.engine.inference import eval_transform, load_run
-from wsss.engine.pseudo_label import pseudo_label
+from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.io import read_mask
 

@@ -11,7 +11,7 @@ import torch
 
 from engine_fakes import make_cfg, make_voc
 from wsss.config import CRFConfig, config_from_dict, load_config, save_config
-from wsss.engine.pseudo_label import pseudo_label
+from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX, read_mask

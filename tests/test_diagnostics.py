@@ -16,7 +16,7 @@ from rich.console import Console
 
 from engine_fakes import CLASSES, FakeConfig, FakeMethod, make_cfg, make_voc
 from wsss import diagnostics as dg
-from wsss.engine.pseudo_label import pseudo_label
+from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.io import read_mask
 from wsss.methods import METHOD_CONFIGS, METHODS

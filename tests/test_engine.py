@@ -159,7 +159,7 @@ def test_tkp_pcl_end_to_end_exact_resume(voc, tmp_path, monkeypatch):
     """TKP-PCL (top-K, PCE, ET: random transforms and dropout) on the offline MobileNetV2: exact resume
     across the end of the frozen warm-up, then pseudo masks with CRF from the run."""
     from wsss.config import load_config
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
     from wsss.methods.patch_classification import PatchClassifier
 
     cfg = load_config("demo/tkp_pcl", [f"data.root={voc}", *E2E, "train.epochs=3", "method.et.weight=1.0",
@@ -193,7 +193,7 @@ def test_tkp_pcl_end_to_end_exact_resume(voc, tmp_path, monkeypatch):
 def test_usage_end_to_end_sweep(voc, tmp_path):
     """USAGE (EMA teacher: after_step, parameters outside the optimizer) trains; its seeds sweep."""
     from wsss.config import load_config
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
 
     cfg = load_config("demo/usage_cnn", [f"data.root={voc}", *E2E, "train.epochs=2"])
     train(cfg, tmp_path / "run", progress=False)

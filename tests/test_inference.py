@@ -12,7 +12,7 @@ import torch
 from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
 from wsss.config import InferConfig, load_config, save_config
 from wsss.engine.inference import class_probabilities, predicted_classes, resolve_device
-from wsss.engine.pseudo_label import pseudo_label
+from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import read_mask

@@ -62,7 +62,7 @@ def test_git_info_in_a_checkout_and_silent_outside(tmp_path):
 def test_train_and_pseudo_label_folders_have_env_and_protocol(voc, tmp_path, monkeypatch, capsys):
     """env.json in the run and pseudo-label folders; the protocol in summary.json, sweep.json,
     `wsss evaluate --json` and the report."""
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
     from wsss.engine.trainer import train
     from wsss.report.html import write_report
 

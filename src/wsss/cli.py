@@ -237,7 +237,7 @@ def pseudo_label(
     ] = False,
 ) -> None:
     """Pseudo masks from a trained run (resumable: finished files are skipped)."""
-    from wsss.engine.pseudo_label import pseudo_label as run_pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label as run_pseudo_label
 
     sweep = _parse_range(sweep_threshold) if sweep_threshold else None
     summary = run_pseudo_label(

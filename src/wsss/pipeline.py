@@ -109,7 +109,7 @@ def run_chain(
     masks in refine/train, the walk's background threshold swept on train when it has masks, then the dense
     CRF when `crf`); stage 2 then trains on the refined masks."""
     from wsss.diagnostics import run_alarm
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
     from wsss.engine.trainer import train
     from wsss.evaluation.metrics import per_class_table
     from wsss.methods import METHODS
@@ -223,7 +223,7 @@ def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks
                   refine_config, progress, crf) -> str:
     """`run_chain(refine=True)`'s two stages: the seeds with their maps, then `refine` (module doc). Returns
     the OUTPUTS key stage 2 trains on."""
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
     from wsss.postprocess.affinity import refine
 
     seeds = out / "pseudo" / "train_maps"

@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return train
     if name == "pseudo_label":
-        from wsss.engine.pseudo_label import pseudo_label
+        from wsss.engine.pseudo_masks import pseudo_label
 
         return pseudo_label
     if name in ("class_probabilities", "load_run", "resolve_device"):

@@ -1,5 +1,5 @@
 """Seeds: multi-scale + flip class maps of a trained run, restricted to the image's classes, and the
-pseudo mask of one image. `engine/pseudo_label.py` streams them over a split.
+pseudo mask of one image. `engine/pseudo_masks.py` streams them over a split.
 
 The recipe (docs/architecture.md, "Seeds"): class maps averaged over scales and flips at full
 resolution; only background + the image's tags (GT, or predicted by `image_scores > 0.5`) are kept;

@@ -331,7 +331,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     from wsss.data import open_dataset
     from wsss.diagnostics import MaskStats
     from wsss.engine.inference import _tensor, eval_transform, load_run, resolve_device
-    from wsss.engine.pseudo_label import _metrics
+    from wsss.engine.pseudo_masks import _metrics
     from wsss.engine.trainer import train
     from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
     from wsss.provenance import write_env

@@ -83,7 +83,7 @@ def predict(
         seed_mask,
         seed_probs,
     )
-    from wsss.engine.pseudo_label import crf_pool
+    from wsss.engine.pseudo_masks import crf_pool
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -160,7 +160,7 @@ def predict_dataset(
     "per_class", "pixel_accuracy", ...} and writes out_dir/summary.json (the `wsss evaluate` shape).
     Resumable. It is `pseudo_label` with predicted tags (and the CRF over the predicted classes), which is
     exactly this."""
-    from wsss.engine.pseudo_label import pseudo_label
+    from wsss.engine.pseudo_masks import pseudo_label
 
     result = pseudo_label(run_dir, data_root, split, out_dir, crf=crf, predicted_tags=True, device=device,
                           progress=progress)
