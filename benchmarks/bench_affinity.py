@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from common import CPUShare, RSSPeak, machine, table, write_section
+from common import CPUShare, RSSPeak, machine, table, timings, write_section
 
 from wsss.config import load_config
 from wsss.methods import create_method
@@ -30,11 +30,6 @@ from wsss.methods.affinity import AffinityConfig
 from wsss.postprocess.affinity import disk_offsets, walk_maps, walk_to_mask
 
 H, W = 375, 500
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def walk_case(stride: int, classes: int, dim: int, device: str, repeat: int, logt: int, radius: int) -> dict:
@@ -52,14 +47,8 @@ def walk_case(stride: int, classes: int, dim: int, device: str, repeat: int, log
     once()  # warm-up
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
     with RSSPeak() as rss:
-        for _ in range(repeat):
-            _sync(device)
-            t0 = time.perf_counter()
-            once()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+        times = timings(device, once, repeat)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss.main_mb - rss.start_mb)
     return {"stride": stride, "grid": f"{gh}x{gw}", "nodes": n, "neighbours": m, "ms": statistics.median(times) * 1000,
             "sparse_mib": n * m * (8 + 4) / 2**20, "dense_mib": n * n * 4 / 2**20, "peak_mib": peak}
@@ -104,13 +93,7 @@ def train_case(preset: str, size: int, batch: int, steps: int, device: str) -> d
         return float(loss.detach())
 
     step()  # warm-up
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = timings(device, step, steps)
     ms = statistics.median(times) * 1000
     return {"preset": preset, "size": size, "batch": batch, "ms_step": ms, "img_s": batch / ms * 1000,
             "backbone": cfg.model.backbone.name, "stride": cfg.model.backbone.output_stride}

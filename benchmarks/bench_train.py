@@ -41,7 +41,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.utils.flop_counter as fc
-from common import CPUShare, RSSPeak, machine, matmul_peak, run_isolated, sync, table, write_section
+from common import CPUShare, RSSPeak, machine, matmul_peak, run_isolated, sync, table, timings, write_section
 
 aten = torch.ops.aten
 # (preset, size, batch); None = the recipe's crop size / batch
@@ -186,13 +186,9 @@ def measure(preset: str, variants: list[dict], size: int | None = None, batch: i
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(steps):
+    for _ in range(steps):  # interleaved, one step of each in turn: a load change hits them all alike
         for name, (step, _, _) in built.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            step()
-            sync(dev)
-            times[name].append(time.perf_counter() - t0)
+            times[name] += timings(dev, step, 1)
     rss.stop()
     out = {}
     for name, (step, info, ema) in built.items():

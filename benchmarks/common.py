@@ -146,9 +146,22 @@ class RSSPeak:
         return False
 
 
-def sync(device: torch.device) -> None:
+def sync(device: torch.device | str) -> None:
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timings(device: torch.device | str, fn, repeat: int) -> list[float]:
+    """Wall seconds of `repeat` calls of `fn`, each between two device syncs (queued CUDA work counted)."""
+    out = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 0, seconds: float = 1.0) -> float:

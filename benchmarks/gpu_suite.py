@@ -94,11 +94,6 @@ class Ctx(SimpleNamespace):
         return self.dev.type == "cuda"
 
 
-def _sync(ctx: Ctx) -> None:
-    if ctx.cuda:
-        torch.cuda.synchronize(ctx.dev)
-
-
 def _device_name(ctx: Ctx) -> str:
     if ctx.cuda:
         return torch.cuda.get_device_name(ctx.dev)
@@ -162,14 +157,9 @@ def _peak_mem(ctx: Ctx, rss) -> tuple[float, str]:
 
 
 def _timed(ctx: Ctx, fn, steps: int) -> list[float]:
-    out = []
-    for _ in range(steps):
-        _sync(ctx)
-        t0 = time.perf_counter()
-        fn()
-        _sync(ctx)
-        out.append(time.perf_counter() - t0)
-    return out
+    from common import timings
+
+    return timings(ctx.dev, fn, steps)
 
 
 # ------------------------------------------------------------------------------------------------ parts

@@ -25,6 +25,24 @@ from wsss.io import voc_palette
 # fighting with the other process (a worker, a second rank) slows steps down 5-20x.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Every test starts at one thread (as the subprocesses, OMP_NUM_THREADS=1: bit-identical CPU
+    results), whatever the test before it set."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    """engine_fakes' small two-class VOC-layout dataset, once per test module."""
+    from engine_fakes import make_voc
+
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run `wsss ARGS` in-process as a user would: (exit code, stdout, stderr)."""
     from wsss import cli

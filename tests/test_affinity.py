@@ -29,15 +29,6 @@ from wsss.postprocess.affinity import (
     walk_to_mask,
 )
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------ random walk
 
 

@@ -9,26 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine_fakes import FakeConfig, FakeMethod, make_cfg, make_voc
+from engine_fakes import FakeConfig, FakeMethod, make_cfg
 from wsss.config import InferConfig, load_config, save_config
 from wsss.engine.inference import class_probabilities, predicted_classes, resolve_device
 from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import read_mask
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc(tmp_path_factory.mktemp("voc"))
 
 
 def _run(tmp_path_factory, voc, name, **method):

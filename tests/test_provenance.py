@@ -11,21 +11,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from engine_fakes import make_cfg, make_voc
+from engine_fakes import make_cfg
 from wsss.provenance import PROTOCOL_KEYS, environment, git_info, protocol_text, write_env
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc(tmp_path_factory.mktemp("voc"))
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_environment_content(monkeypatch):

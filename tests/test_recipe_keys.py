@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine_fakes import Crash, FakeConfig, FakeMethod, make_cfg, make_voc
+from engine_fakes import Crash, FakeConfig, FakeMethod, make_cfg
 from wsss.config import BackboneConfig, ConfigError, DataConfig, InferConfig, ModelConfig
 from wsss.data.base import RawSample
 from wsss.data.transforms import EvalTransform, TrainTransform
@@ -23,20 +23,6 @@ from wsss.engine.trainer import lr_at, lr_factor, train
 from wsss.io import load_checkpoint
 from wsss.losses import GridTransform, warp_maps
 from wsss.methods.patch_classification import ETConfig, PatchClassificationConfig, PatchClassifier, _to_view
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc(tmp_path_factory.mktemp("voc"))
-
 
 # -------------------------------------------------------------------------------------- data.* keys
 

@@ -46,14 +46,6 @@ CLASSES = ["background", "a", "b"]
 SIZE = (40, 30)  # W, H of the conftest images
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): bit-identical CPU results
-    yield
-    torch.set_num_threads(n)
-
-
 def error_line(err: str) -> str:
     """The CLI's one-line error; asserts there is exactly one and no traceback anywhere."""
     assert "Traceback" not in err and "Caught DataError" not in err, err

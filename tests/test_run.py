@@ -9,26 +9,12 @@ import pytest
 import torch
 
 from conftest import run_cli
-from engine_fakes import make_voc
 from wsss.pipeline import STAGE_MARKER
 from wsss.provenance import PROTOCOL_KEYS
 
 TINY = ["data.crop_size=32", "data.num_workers=0", "train.batch_size=4", "train.trainable_blocks=2",
         "train.epochs=1", "train.freeze_backbone_epochs=0", "infer.crf.workers=0", "infer.scales=[1.0]",
         "infer.size=64", "train.amp=off"]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc(tmp_path_factory.mktemp("voc"))
 
 
 def _args(voc, out, *extra):

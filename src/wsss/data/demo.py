@@ -212,20 +212,45 @@ def _object(rng: np.random.Generator, obj: tuple, size: int, textures: list) -> 
             np.asarray(Image.fromarray(src).resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255
         )
         rgb = rgb * rng.uniform(0.85, 1.15, 3).astype(np.float32)
-    # Rotate and flip the RGBA together (alpha kept as float in a separate "F" image: no premultiplying).
+    # Rotate and flip the RGBA together.
     angle = rng.uniform(-15, 15) if kind == "digit" else rng.uniform(-30, 30)
-    rgb8 = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-    rgb = np.asarray(rgb8.rotate(angle, Image.Resampling.BILINEAR, expand=True), dtype=np.float32) / 255
-    a = np.asarray(Image.fromarray(a).rotate(angle, Image.Resampling.BILINEAR, expand=True))
+    rgb, a = _rotate(rgb, a, angle)
     if kind != "digit" and rng.random() < 0.5:
         rgb, a = rgb[:, ::-1], a[:, ::-1]
     return rgb, a
 
 
-def _render(rng: np.random.Generator, split: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One image: (uint8 RGB, uint8 mask with a 255 band around every object, classes of the objects)."""
+def _rotate(rgb: np.ndarray, a: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate an object's RGB and alpha together (alpha kept as float in an "F" image: no premultiplying)."""
+    rgb8 = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    rgb = np.asarray(rgb8.rotate(angle, Image.Resampling.BILINEAR, expand=True), dtype=np.float32) / 255
+    return rgb, np.asarray(Image.fromarray(a).rotate(angle, Image.Resampling.BILINEAR, expand=True))
+
+
+def _paste(image, inst, areas: list, classes: list, rgb, a, at: tuple[int, int], cls: int) -> None:
+    """Alpha-blend one object into `image` at `at` and record it as the next instance (on top)."""
+    (y, x), (oh, ow) = at, a.shape
+    region = image[y : y + oh, x : x + ow]
+    region += (rgb - region) * a[..., None]
+    m = a >= 0.5
+    inst[y : y + oh, x : x + ow][m] = len(areas)
+    areas.append(int(m.sum()))
+    classes.append(cls)
+
+
+def _finish(image: np.ndarray, inst: np.ndarray, classes: list) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(uint8 RGB, uint8 class mask, classes of the objects) from the float image and the instance map."""
     from scipy import ndimage as ndi
 
+    mask = np.asarray(classes, np.uint8)[inst]
+    # VOC's "ignore" band: pixels within 2 px of any boundary between instances (or background).
+    mask[ndi.grey_dilation(inst, size=(5, 5)) != ndi.grey_erosion(inst, size=(5, 5))] = IGNORE_INDEX
+    img = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return img, mask, classes[1:]
+
+
+def _render(rng: np.random.Generator, split: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One image: (uint8 RGB, uint8 mask with a 255 band around every object, classes of the objects)."""
     src = _sources()
     image = _background(rng, src["backgrounds"], h, w)
     inst = np.zeros((h, w), np.uint8)  # instance ids, later objects on top
@@ -248,16 +273,8 @@ def _render(rng: np.random.Generator, split: str, h: int, w: int) -> tuple[np.nd
                 break
         else:
             continue
-        region = image[y : y + oh, x : x + ow]
-        region += (rgb - region) * a[..., None]
-        inst[y : y + oh, x : x + ow][m] = len(areas)
-        areas.append(int(m.sum()))
-        classes.append(cls)
-    mask = np.asarray(classes, np.uint8)[inst]
-    # VOC's "ignore" band: pixels within 2 px of any boundary between instances (or background).
-    mask[ndi.grey_dilation(inst, size=(5, 5)) != ndi.grey_erosion(inst, size=(5, 5))] = IGNORE_INDEX
-    img = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return img, mask, classes[1:]
+        _paste(image, inst, areas, classes, rgb, a, (y, x), cls)
+    return _finish(image, inst, classes)
 
 
 # ------------------------------------------------------------------------------- the benchmark family
@@ -329,9 +346,7 @@ def _digit(rng: np.random.Generator, alpha: np.ndarray, size: int, style: str, s
     a = np.clip(a * 1.6, 0, 1)  # MNIST strokes have soft grey edges
     rgb = _fill(rng, style, h, w, src)
     angle = rng.uniform(-15, 15) if style == "tint" else rng.uniform(-25, 25)
-    rgb8 = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-    rgb = np.asarray(rgb8.rotate(angle, Image.Resampling.BILINEAR, expand=True), dtype=np.float32) / 255
-    a = np.asarray(Image.fromarray(a).rotate(angle, Image.Resampling.BILINEAR, expand=True))
+    rgb, a = _rotate(rgb, a, angle)
     return rgb, a
 
 
@@ -394,8 +409,6 @@ def _render_family(rng: np.random.Generator, split: str, h: int, w: int, opts: d
     """One image of a family member: (uint8 RGB, uint8 mask with 255 bands, classes of the objects).
     The distractors draw from `clutter_rng`, so the same seed gives the same objects and masks with or
     without clutter (it is an ablation knob)."""
-    from scipy import ndimage as ndi
-
     src = _sources()
     names = SOURCES[opts["source"]]
     image = _background(rng, src["backgrounds"], h, w)
@@ -436,18 +449,8 @@ def _render_family(rng: np.random.Generator, split: str, h: int, w: int, opts: d
             size = max(8, int(size * 0.85))
         if placed is None:
             continue
-        y, x = placed
-        oh, ow = a.shape
-        m = a >= 0.5
-        region = image[y : y + oh, x : x + ow]
-        region += (rgb - region) * a[..., None]
-        inst[y : y + oh, x : x + ow][m] = len(areas)
-        areas.append(int(m.sum()))
-        classes.append(cls)
-    mask = np.asarray(classes, np.uint8)[inst]
-    mask[ndi.grey_dilation(inst, size=(5, 5)) != ndi.grey_erosion(inst, size=(5, 5))] = IGNORE_INDEX
-    img = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return img, mask, classes[1:]
+        _paste(image, inst, areas, classes, rgb, a, placed, cls)
+    return _finish(image, inst, classes)
 
 
 def _pair(value, name: str, kind: type) -> tuple | None:
