@@ -14,21 +14,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from engine_fakes import CLASSES, FakeConfig, FakeMethod, make_cfg, make_voc
+from engine_fakes import CLASSES, FakeConfig, FakeMethod, make_cfg
 from wsss import diagnostics as dg
 from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.io import read_mask
 from wsss.methods import METHOD_CONFIGS, METHODS
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------ the figures
 
@@ -77,6 +68,35 @@ def test_healthy_is_silent():
     assert dg.alarm(dg.MaskStats()) is None  # nothing counted: nothing to say
 
 
+def _scored(hits: int, images: int = 20, num_fg: int = 10) -> dg.MaskStats:
+    """`images` tagged with class 1 (chance 1 / num_fg), the top score on class 1 in `hits` of them."""
+    stats = dg.mask_stats([_mask(4)] * images)  # healthy-looking masks
+    for k in range(images):
+        scores = np.zeros(num_fg)
+        scores[0 if k < hits else 3] = 1.0
+        stats.add_scores(scores, [1])
+    return stats
+
+
+def test_unrecognised_fires_first_and_needs_no_masks():
+    # issue 21's digit families: masks of plausible extent from a classifier at chance
+    near_chance = _scored(hits=4)
+    assert near_chance.top_hit_rate == pytest.approx(0.2) and near_chance.top_hit_chance == pytest.approx(0.1)
+    line = dg.alarm(near_chance, "train pseudo masks", has_background=True)
+    assert line.startswith("the classifier has not learned to tell the classes apart")
+    assert "20% of 20 tagged images (chance: 10%)" in line and dg.DOC in line and "\n" not in line
+    assert near_chance.summary()["top_hit_rate"] == 0.2
+    # halfway from chance (0.1) to 1 is 0.55: 11 of 20 is recognised, 10 of 20 is not
+    assert dg.verdict(_scored(hits=11)) is None and dg.verdict(_scored(hits=10)) == "unrecognised"
+    assert dg.verdict(_scored(hits=0, images=7)) is None  # too few scored images to say
+    unscored = dg.mask_stats([_mask(4)] * 20)
+    unscored.add_scores(np.ones(10), [])  # an untagged image is not counted
+    assert unscored.tagged == 0 and "top_hit_rate" not in unscored.summary()
+    # the counters are shard sums like the others
+    both = _scored(4) + _scored(11)
+    assert (both.tagged, both.top_hit) == (40, 15) and both.top_hit_chance == pytest.approx(0.1)
+
+
 def test_all_background_fires_its_own_line():
     stats = dg.mask_stats([_mask(0)] * 8 + [_mask(3)] * 2)
     line = dg.alarm(stats, "train pseudo masks", has_background=False)
@@ -113,14 +133,14 @@ class MapsMethod(FakeMethod):
         maps = torch.cat([bg, fg, fg.new_zeros((fg.shape[0], self.num_classes - 3, *fg.shape[2:]))], 1)
         return maps + 0 * learned.sum()
 
+    def image_scores(self, images):  # the squares' colours in both modes: recognised, whatever the masks
+        r, g = images[:, 0] - images[:, 1], images[:, 1] - images[:, 0]
+        fg = torch.stack([(r > 1.5).float(), (g > 1.5).float()], 1).flatten(2).mean(-1)
+        return torch.cat([fg, fg.new_zeros((fg.shape[0], self.num_classes - 3))], 1)
+
 
 METHODS["fake_maps"] = MapsMethod
 METHOD_CONFIGS["fake_maps"] = MapsConfig
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    return make_voc(tmp_path_factory.mktemp("voc"))
 
 
 def _train(run, voc, maps, val: bool = True, **kw):
@@ -147,6 +167,7 @@ def test_trainer_check_fires_on_collapse_silent_when_healthy(runs, voc, tmp_path
     healthy, collapsed = _last_masks(runs["colour"]), _last_masks(runs["spot"])
     assert healthy["images"] == collapsed["images"] == 8  # the first 32 train ids: all 8
     assert healthy["alarm"] is None and 0.02 < healthy["foreground_fraction"] < 0.3
+    assert healthy["top_hit_rate"] == collapsed["top_hit_rate"] == 1.0  # the trainer's check scores the images
     assert collapsed["alarm"].startswith("train pseudo masks look collapsed")
     assert collapsed["foreground_fraction"] > 0.9 and collapsed["low_background_share"] == 1.0
     assert dg.run_alarm(runs["spot"]) == collapsed["alarm"] and dg.run_alarm(runs["colour"]) is None

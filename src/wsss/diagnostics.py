@@ -21,6 +21,12 @@ Thresholds (module constants; the reasons):
 - EMPTY_SHARE = 0.5: empty when at least half the images have no foreground pixel at all. With the
   image's tags (pseudo-labelling, the trainer's check) a tagged class that never wins is a failure; a
   split made mostly of untagged (negative) images is the one legitimate case, and the line says so.
+- RECOGNISED_GAIN = 0.5 (the trainer's check, which also scores the images): "unrecognised" when the
+  top-scored class is one of the image's tags in fewer images than halfway from chance (tags / classes)
+  to all of them. A trained classifier sits near 1 (the embedded benchmark: 0.9+); one that learned
+  nothing sits at chance; issue 21's digit families, whose classes the 6-epoch demo budget does not
+  learn to tell apart, sit near chance with masks that look like a collapse. Needs MIN_SCORED = 8 tagged
+  images. It needs the tags only, no masks.
 These are deliberately loose: the alarm is for degenerate masks, not for mediocre ones (over- or
 under-segmentation by a few tens of percent is for the mIoU, where there are masks, to show).
 
@@ -39,6 +45,8 @@ LOW_BACKGROUND = 0.10
 COLLAPSE_SHARE = 0.5
 COLLAPSE_FOREGROUND = 0.70
 EMPTY_SHARE = 0.5
+RECOGNISED_GAIN = 0.5
+MIN_SCORED = 8
 TRAIN_CHECK_IMAGES = 32  # the trainer's fixed subset: the first N train ids (no GT masks used)
 DOC = "docs/architecture.md, 'Collapse alarm'"
 IGNORE = 255
@@ -54,6 +62,11 @@ class MaskStats:
     low_background: int = 0  # images whose background is < LOW_BACKGROUND of their labelled pixels
     no_foreground: int = 0  # images without a foreground pixel
     image_foreground: float = 0.0  # sum over images of their foreground fraction
+    # Recognition (the trainer's check only: it scores the images): tagged images, those whose top-scored
+    # class is one of their tags, and the sum of that event's chance (tags / classes) over them.
+    tagged: int = 0
+    top_hit: int = 0
+    top_chance: float = 0.0
 
     def add(self, mask) -> float | None:
         """Count one mask (uint8 [H, W] array or tensor); returns its foreground fraction (None when it has
@@ -85,8 +98,18 @@ class MaskStats:
 
         t = torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
         D.all_reduce_sum(t)
-        v = t.tolist()
-        return MaskStats(*(int(round(x)) for x in v[:-1]), v[-1])
+        kinds = [f.type for f in dataclasses.fields(self)]
+        return MaskStats(*(v if kind in (float, "float") else int(round(v)) for v, kind in zip(t.tolist(), kinds, strict=True)))
+
+    def add_scores(self, scores, tags: list[int]) -> None:
+        """Count one image's foreground scores [C] against its tags (class ids 1..C); untagged images are
+        not counted (their top class is a hit by no definition)."""
+        if not tags:
+            return
+        top = int(np.argmax(np.asarray(scores.cpu() if hasattr(scores, "cpu") else scores))) + 1
+        self.tagged += 1
+        self.top_hit += int(top in tags)
+        self.top_chance += len(set(tags)) / len(scores)
 
     @property
     def foreground_fraction(self) -> float:
@@ -97,6 +120,16 @@ class MaskStats:
     def mean_image_foreground(self) -> float:
         """Mean over images of their foreground fraction (each image weighs the same)."""
         return self.image_foreground / self.images if self.images else 0.0
+
+    @property
+    def top_hit_rate(self) -> float | None:
+        """Share of tagged images whose top-scored class is a tag (None when nothing was scored)."""
+        return self.top_hit / self.tagged if self.tagged else None
+
+    @property
+    def top_hit_chance(self) -> float | None:
+        """What a classifier that ignores the image would score on top_hit_rate."""
+        return self.top_chance / self.tagged if self.tagged else None
 
     @property
     def low_background_share(self) -> float:
@@ -114,6 +147,8 @@ class MaskStats:
             "mean_image_foreground": round(self.mean_image_foreground, 4),
             "low_background_share": round(self.low_background_share, 4),
             "no_foreground_share": round(self.no_foreground_share, 4),
+            **({"top_hit_rate": round(self.top_hit_rate, 4), "top_hit_chance": round(self.top_hit_chance, 4)}
+               if self.tagged else {}),
             "alarm": alarm(self, what, has_background),
         }
 
@@ -126,8 +161,21 @@ def mask_stats(masks) -> MaskStats:
     return stats
 
 
+def unrecognised(stats: MaskStats) -> bool:
+    """True when the classifier scores the images' tags little better than chance: the top-scored class is
+    a tag in under half the way from chance to every image (and at least MIN_SCORED images were scored)."""
+    if stats.tagged < MIN_SCORED:
+        return False
+    chance = stats.top_hit_chance
+    return stats.top_hit_rate < chance + RECOGNISED_GAIN * (1 - chance)
+
+
 def verdict(stats: MaskStats) -> str | None:
-    """"collapsed", "empty" or None (healthy, or nothing counted), by the module's thresholds."""
+    """"unrecognised", "collapsed", "empty" or None (healthy, or nothing counted), by the module's
+    thresholds. Unrecognised comes first: masks from a classifier that cannot tell the classes apart
+    mean nothing, whatever their extent (issue 21's held-out digit families)."""
+    if unrecognised(stats):
+        return "unrecognised"
     if stats.images == 0:
         return None
     if stats.low_background_share >= COLLAPSE_SHARE or stats.foreground_fraction >= COLLAPSE_FOREGROUND:
@@ -145,6 +193,11 @@ def alarm(stats: MaskStats, what: str = "pseudo masks", has_background: bool | N
     if kind is None:
         return None
     fg = f"{100 * stats.foreground_fraction:.0f}% of pixels foreground"
+    if kind == "unrecognised":
+        return (f"the classifier has not learned to tell the classes apart: its top-scored class is one of the "
+                f"image's tags in {100 * stats.top_hit_rate:.0f}% of {stats.tagged} tagged images (chance: "
+                f"{100 * stats.top_hit_chance:.0f}%), so its masks ({fg}) mean nothing; train longer, add images, "
+                f"or make the objects larger at the input (data.crop_size, infer.size) (see {DOC})")
     figures = (f"{fg}, {100 * stats.low_background_share:.0f}% of images with <{100 * LOW_BACKGROUND:.0f}% background"
                if kind == "collapsed" else f"{100 * stats.no_foreground_share:.0f}% of images with no foreground, {fg}")
     figures += f" ({stats.images} images)"
@@ -192,6 +245,7 @@ def train_check(method, dataset, cfg, info=None, n: int = TRAIN_CHECK_IMAGES) ->
                 no_maps = True
                 break
             stats.add(seed_mask(keep, probs))
+            stats.add_scores(method.image_scores(x[None].to(next(method.parameters()).device))[0].float(), sample.tags)
     device = info.device if info is not None else None
     if D.any_rank(no_maps, device if device is not None else torch.device("cpu")):  # every rank returns alike
         return None

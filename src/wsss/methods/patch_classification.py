@@ -41,6 +41,7 @@ from wsss.methods.base import Method
 from wsss.pooling import adaptive_topk_pool, topk_pool
 
 POOLINGS = ("max", "topk", "adaptive")
+BACKGROUNDS = ("learned", "bias")
 
 
 def _to_view(x: torch.Tensor, t: GridTransform, size: tuple[int, int]) -> torch.Tensor:
@@ -92,6 +93,10 @@ class PatchClassificationConfig:
     # always present too: the background channel then fires on them (benchmarks/RESULTS.md, "Transfer").
     # A large bg_k asks the background to win a large share of every image. 0: the classes' pooling.
     bg_k: float = 0.0
+    # How the background's per-patch logit is made. "learned": a classifier row like any class (ViT-PCM).
+    # "bias": one learned scalar shared by every patch, so a patch is background when no class is
+    # confident there; the background can no longer learn a look of its own (the objects, issue 21).
+    background: str = "learned"
     adaptive_ratio: float = 0.5  # pooling=adaptive: positions >= ratio * max are averaged
     hv_bilstm: bool = False
     dropout: float = 0.2
@@ -129,6 +134,8 @@ def _check(cfg: PatchClassificationConfig) -> None:
         raise ConfigError(f"method.k: {cfg.k} must be > 0 (a count >= 1 or a fraction in (0, 1))")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"method.dropout: {cfg.dropout} must be in [0, 1)")
+    if cfg.background not in BACKGROUNDS:
+        raise ConfigError(f"method.background: unknown {cfg.background!r} (one of {', '.join(BACKGROUNDS)})")
     if cfg.bg_k < 0:
         raise ConfigError(f"method.bg_k: {cfg.bg_k} must be >= 0 (0: the classes' pooling)")
     if cfg.classifier_init_std < 0:
@@ -160,7 +167,9 @@ class PatchClassifier(Method):
         self.bilstm = HVBiLSTM(dim) if cfg.hv_bilstm else None
         self.embed_dim = self.bilstm.out_channels if self.bilstm is not None else dim
         # a per-patch linear classifier without bias: a 1x1 conv on the grid
-        self.classifier = nn.Conv2d(self.embed_dim, num_classes, kernel_size=1, bias=False)
+        learned_bg = cfg.background == "learned"
+        self.classifier = nn.Conv2d(self.embed_dim, num_classes - (not learned_bg), kernel_size=1, bias=False)
+        self.bg_logit = None if learned_bg else nn.Parameter(torch.zeros(1))
         if cfg.classifier_init_std > 0:  # Keras RandomNormal(stddev) (ViT-PCM); else torch's default init
             nn.init.normal_(self.classifier.weight, mean=0.0, std=cfg.classifier_init_std)
         stride = backbone.stride
@@ -185,7 +194,11 @@ class PatchClassifier(Method):
         x = F.dropout(self.backbone(images), p, self.training)
         if self.bilstm is not None:
             x = F.dropout(self.bilstm(x), p, self.training)
-        return x, self.classifier(x)
+        logits = self.classifier(x)
+        if self.bg_logit is not None:  # background = one scalar at every patch, before the class rows
+            bg = self.bg_logit.to(logits.dtype).view(1, 1, 1, 1).expand(logits.shape[0], 1, *logits.shape[2:])
+            logits = torch.cat([bg, logits], dim=1)
+        return x, logits
 
     def pool(self, z: torch.Tensor) -> torch.Tensor:
         """Image scores [B, K] from per-patch probabilities [B, K, h, w] with the configured pooling."""
