@@ -54,7 +54,7 @@ def test_square_resize_keeps_the_whole_image():
     assert short.shape == (16, 16) and not ((short[:, :1] == short[:, :1].flatten()[0]).all() and (short[:8, :8] == 0).all()
                                             and (short[:8, 8:] == 1).all() and (short[8:, 8:] == 3).all())
     with pytest.raises(ConfigError, match="data.resize"):
-        TrainTransform(_data(resize="long"), 3)
+        TrainTransform(_data(resize="round"), 3)
 
 
 @pytest.mark.parametrize("key", ["vflip", "transpose"])
@@ -101,6 +101,30 @@ def test_defaults_draw_nothing_new():
     torch.randint(0, 1, ())
     torch.rand(())  # the h-flip
     assert torch.equal(after, torch.rand(()))
+
+
+def test_long_side_resize():
+    # SEAM's RandomResizeLong: the long side (40 px) becomes s * crop, aspect kept; a 30 x 40 sample at
+    # crop 16, s = 1: 12 x 16, padded to 16 x 16 (the mask's padding is 255)
+    out = TrainTransform(_data(resize="long"), 3)(_sample())
+    mask = out["mask"]
+    assert out["image"].shape == (3, 16, 16)
+    assert int((mask != 255).sum()) == 12 * 16 and set(np.unique(mask[mask != 255]).tolist()) == {0, 1, 2, 3}
+    assert EvalTransform(_data(), size=20, num_classes=3, resize="long")(_sample())["image"].shape == (3, 15, 20)
+    with pytest.raises(ConfigError, match="data.resize"):
+        TrainTransform(_data(resize="longest"), 3)
+
+
+def test_per_factor_jitter_ranges():
+    # ViT-PCM: brightness off, contrast 0.5-2.0 (asymmetric: no single strength says it), saturation 0.5-1.5
+    tf = TrainTransform(_data(brightness=[1.0, 1.0], contrast=[0.5, 2.0], saturation=[0.5, 1.5]), 3)
+    assert tf.jitter.brightness is None  # [1, 1]: off
+    assert tuple(tf.jitter.contrast) == (0.5, 2.0) and tuple(tf.jitter.saturation) == (0.5, 1.5)
+    both = TrainTransform(_data(color_jitter=0.3, contrast=[0.5, 2.0]), 3).jitter
+    assert tuple(both.brightness) == pytest.approx((0.7, 1.3)) and tuple(both.contrast) == (0.5, 2.0)
+    assert TrainTransform(_data(), 3).jitter is None  # nothing set: no jitter
+    with pytest.raises(ValueError, match="data.contrast"):
+        TrainTransform(_data(contrast=[2.0, 0.5]), 3)
 
 
 def test_eval_square():

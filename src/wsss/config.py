@@ -38,13 +38,19 @@ class DataConfig:
     tags_file: str = ""  # folder format: CSV or JSON of tags (default: <root>/tags.csv or tags.json)
     crop_size: int = 224
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random resize before the crop
-    # short: the short side becomes s * crop_size (aspect kept), then a crop_size crop; square: the whole
-    # image is resized to (s * crop_size) squared (aspect not kept), so s = 1 is the whole image, no crop
+    # short: the short side becomes s * crop_size (aspect kept), then a crop_size crop; long: the long
+    # side does (SEAM's RandomResizeLong); square: the whole image is resized to (s * crop_size) squared
+    # (aspect not kept), so s = 1 is the whole image, no crop
     resize: str = "short"
     hflip: bool = True
     vflip: bool = False  # vertical flip, p = 0.5
     transpose: bool = False  # swap height and width (a 90-degree rotation up to a flip), p = 0.5
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
+    # Per-factor ranges [lo, hi] that replace color_jitter's 1 +- strength for that factor ([] = use it):
+    # ViT-PCM's contrast 0.5-2.0 is not symmetric, and its brightness is ~off ([1, 1])
+    brightness: list[float] = field(default_factory=list)
+    contrast: list[float] = field(default_factory=list)
+    saturation: list[float] = field(default_factory=list)
     hue: float = 0.0  # colour jitter's hue shift, at most this (0-0.5), 0 = off
     grey_p: float = 0.0  # probability of turning the image grey (after the jitter), 0 = off
     # Unset: the backbone's own normalisation (timm pretrained_cfg; ImageNet for the offline names), filled
@@ -136,7 +142,7 @@ class InferConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     size: int = 0  # resize the short side to this before inference (0: the crop size; -1: the image as it is)
-    resize: str = "short"  # short: the short side to `size` (aspect kept); square: the image to size x size
+    resize: str = "short"  # short / long: that side to `size` (aspect kept); square: the image to size x size
     # where the kept classes' maps are normalised: full (each divided by its max after upsampling to the
     # image) | grid (ViT-PCM: at the feature grid, each pass's kept classes divided by their max, then
     # by their sum over classes, then upsampled and averaged)

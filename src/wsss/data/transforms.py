@@ -82,12 +82,24 @@ def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
+def _resize_long_side(image: Image.Image, long: int) -> Image.Image:
+    w, h = image.size
+    ratio = long / max(w, h)
+    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
+
+
+def _resize(image: Image.Image, side: int, mode: str) -> Image.Image:
+    """`side` applied to the short side, the long side or both (square: aspect not kept)."""
+    return {"short": _resize_short_side, "long": _resize_long_side, "square": _resize_square}[mode](image, side)
+
+
 def _resize_square(image: Image.Image, side: int) -> Image.Image:
     size = (max(1, side), max(1, side))
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
-RESIZE_MODES = ("short", "square")
+RESIZE_MODES = ("short", "long", "square")
 
 
 def _check_resize(mode: str, key: str) -> str:
@@ -123,12 +135,13 @@ class TrainTransform(_Base):
     """Random resize, random crop, flips, optional colour jitter, normalisation.
 
     Resize rule: s ~ U(scale_range) and the image's short side becomes s * crop_size, whatever the
-    source resolution, so s = 1 makes the crop span the short side and s < 1 pads. With
-    `data.resize: square` the whole image becomes (s * crop_size) squared instead (aspect ratio not
+    source resolution, so s = 1 makes the crop span the short side and s < 1 pads. With `data.resize:
+    long` the long side becomes s * crop_size instead (SEAM's RandomResizeLong). With `data.resize: square` the whole image becomes (s * crop_size) squared instead (aspect ratio not
     kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size; padding is the
     mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
     transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
-    (nearest neighbour); jitter (`color_jitter`, `hue`) and greying (`grey_p`) touch the image only.
+    (nearest neighbour); jitter (`color_jitter`, or per-factor ranges `brightness` / `contrast` /
+    `saturation`, and `hue`) and greying (`grey_p`) touch the image only.
     """
 
     def __init__(self, data_cfg, num_classes: int | None = None):
@@ -149,17 +162,23 @@ class TrainTransform(_Base):
         if not 0 <= hue <= 0.5 or not 0 <= self.grey_p <= 1:
             raise ValueError(f"data.hue must be in [0, 0.5] and data.grey_p in [0, 1], got {hue}, {self.grey_p}")
         self.jitter = None
-        if data_cfg.color_jitter > 0 or hue > 0:
+        j = float(data_cfg.color_jitter)
+        strengths = {}  # torchvision's ColorJitter: a strength j means factors in [1 - j, 1 + j]
+        for key in ("brightness", "contrast", "saturation"):
+            rng = list(getattr(data_cfg, key, None) or [])
+            if rng and (len(rng) != 2 or not 0 <= rng[0] <= rng[1]):
+                raise ValueError(f"data.{key} must be a factor range [lo, hi] with 0 <= lo <= hi, got {rng}")
+            strengths[key] = tuple(float(v) for v in rng) if rng else j
+        if any(v != 0 for v in strengths.values()) or hue > 0:
             from torchvision.transforms import ColorJitter
 
-            j = float(data_cfg.color_jitter)
-            self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j, **({"hue": hue} if hue > 0 else {}))
+            self.jitter = ColorJitter(**strengths, **({"hue": hue} if hue > 0 else {}))
 
     def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
         side = max(1, round(s * self.crop))
-        image = _resize_square(sample.image, side) if self.resize == "square" else _resize_short_side(sample.image, side)
+        image = _resize(sample.image, side, self.resize)
         w, h = image.size
         mask = None
         if sample.mask is not None:
@@ -206,10 +225,8 @@ class EvalTransform(_Base):
         w, h = sample.image.size
         if self.size <= 0:
             image = sample.image
-        elif self.resize == "square":
-            image = _resize_square(sample.image, self.size)
         else:
-            image = _resize_short_side(sample.image, self.size)
+            image = _resize(sample.image, self.size, self.resize)
         return {
             "image": _normalise(np.asarray(image), self.mean, self.std),
             "label": self._label(sample, num_classes),
