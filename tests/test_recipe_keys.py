@@ -366,3 +366,40 @@ def test_new_keys_default_to_todays_behaviour():
     assert (i.resize, i.normalise) == ("short", "full")
     assert (e.per_sample, e.crop_size, e.view_size, e.mosaic) == (False, 0, 0, 1)
     assert PatchClassificationConfig().classifier_init_std == 0.0 and BackboneConfig().dropout == []
+
+
+def test_timm_augment_is_mctformers_pipeline_and_reproducible():
+    from wsss.data.transforms import TransformedDataset
+
+    cfg = _data(augment="timm", color_jitter=0.4, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    tf = TrainTransform(cfg, 3)
+    names = [type(t).__name__ for t in tf.timm.transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names and "RandomErasing" in names
+    assert not any(n == "ColorJitter" for n in names)  # off under RandAugment, in timm as in the reference
+    out = tf(_sample())
+    assert out["image"].shape == (3, 16, 16) and (out["mask"] == 255).all()  # no mask follows the pixels
+
+    class One:
+        num_classes = 3
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return _sample()
+
+    a, b = (TransformedDataset(One(), TrainTransform(cfg, 3), seed=5)[0]["image"] for _ in range(2))
+    assert torch.equal(a, b)  # per-sample seeds reach timm's Python-random draws
+    with pytest.raises(ConfigError, match="data.augment"):
+        TrainTransform(_data(augment="autoaugment"), 3)
+
+
+def test_timm_augment_refuses_to_train_on_masks(voc, tmp_path, monkeypatch):
+    from wsss.errors import ConfigError as WsssConfigError
+
+    cfg = make_cfg(voc, epochs=1)
+    cfg.data.augment = "timm"
+    monkeypatch.setattr(FakeMethod, "target", "mask")  # as stage 2's segmenter
+    with pytest.raises(WsssConfigError, match="data.augment: timm"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()

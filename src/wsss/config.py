@@ -42,6 +42,9 @@ class DataConfig:
     # side does (SEAM's RandomResizeLong); square: the whole image is resized to (s * crop_size) squared
     # (aspect not kept), so s = 1 is the whole image, no crop
     resize: str = "short"
+    # crop: the above (resize, crop, flips, jitter); timm: timm's ImageNet training pipeline with MCTformer's
+    # values (RandomResizedCrop, RandAugment m9, random erasing 0.25; wsss.data.transforms), no masks
+    augment: str = "crop"
     hflip: bool = True
     vflip: bool = False  # vertical flip, p = 0.5
     transpose: bool = False  # swap height and width (a 90-degree rotation up to a flip), p = 0.5

@@ -100,6 +100,9 @@ def _resize_square(image: Image.Image, side: int) -> Image.Image:
 
 
 RESIZE_MODES = ("short", "long", "square")
+AUGMENTS = ("crop", "timm")  # data.augment: ours (resize + crop + flips + jitter) or timm's ImageNet pipeline
+TIMM_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # MCTformer main.py --aa
+TIMM_RE_PROB = 0.25  # MCTformer main.py --reprob (mode pixel, count 1)
 
 
 def _check_resize(mode: str, key: str) -> str:
@@ -136,17 +139,36 @@ class TrainTransform(_Base):
 
     Resize rule: s ~ U(scale_range) and the image's short side becomes s * crop_size, whatever the
     source resolution, so s = 1 makes the crop span the short side and s < 1 pads. With `data.resize:
-    long` the long side becomes s * crop_size instead (SEAM's RandomResizeLong). With `data.resize: square` the whole image becomes (s * crop_size) squared instead (aspect ratio not
-    kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size; padding is the
+    long` the long side becomes s * crop_size instead (SEAM's RandomResizeLong). With `data.resize:
+    square` the whole image becomes (s * crop_size) squared instead (aspect ratio not kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size; padding is the
     mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
     transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
     (nearest neighbour); jitter (`color_jitter`, or per-factor ranges `brightness` / `contrast` /
     `saturation`, and `hue`) and greying (`grey_p`) touch the image only.
+
+    `data.augment: timm` replaces all of that with timm's ImageNet training pipeline as MCTformer
+    builds it (`create_transform(is_training=True)`: RandomResizedCrop(crop_size, scale 0.08-1), h-flip,
+    `color_jitter`, RandAugment `rand-m9-mstd0.5-inc1`, bicubic, random erasing p 0.25 per pixel). It
+    moves pixels without a mask to follow, so the mask comes back all 255: classification training only.
     """
 
     def __init__(self, data_cfg, num_classes: int | None = None):
         super().__init__(data_cfg, num_classes)
         self.crop = int(data_cfg.crop_size)
+        augment = getattr(data_cfg, "augment", "crop")
+        if augment not in AUGMENTS:
+            from wsss.errors import ConfigError
+
+            raise ConfigError(f"data.augment: unknown {augment!r} ({', '.join(AUGMENTS)})")
+        self.timm = None
+        if augment == "timm":
+            from timm.data import create_transform
+
+            self.timm = create_transform(
+                input_size=self.crop, is_training=True, hflip=0.5 if data_cfg.hflip else 0.0,
+                color_jitter=float(data_cfg.color_jitter), auto_augment=TIMM_AUTO_AUGMENT,
+                interpolation="bicubic", re_prob=TIMM_RE_PROB, re_mode="pixel", re_count=1,
+                mean=tuple(float(v) for v in data_cfg.mean), std=tuple(float(v) for v in data_cfg.std))
         lo, hi = (float(v) for v in data_cfg.scale_range)
         if not 0 < lo <= hi:
             raise ValueError(
@@ -175,6 +197,8 @@ class TrainTransform(_Base):
             self.jitter = ColorJitter(**strengths, **({"hue": hue} if hue > 0 else {}))
 
     def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
+        if self.timm is not None:
+            return self._timm(sample, num_classes)
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
         side = max(1, round(s * self.crop))
@@ -207,6 +231,29 @@ class TrainTransform(_Base):
             "image": _normalise(out, self.mean, self.std),
             "label": self._label(sample, num_classes),
             "mask": torch.from_numpy(np.ascontiguousarray(out_mask)).to(torch.int64),
+            "id": sample.id,
+        }
+
+
+    def _timm(self, sample: RawSample, num_classes: int | None) -> dict:
+        import random
+
+        # timm draws from Python's `random` and NumPy's global RNG (RandAugment's op choice); seed both
+        # from torch's stream, which TransformedDataset seeds per sample, so a sample's augmentation is
+        # the same whatever the workers or ranks. The callers' states are put back.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            image = self.timm(sample.image.convert("RGB"))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return {
+            "image": image,
+            "label": self._label(sample, num_classes),
+            "mask": torch.full((self.crop, self.crop), IGNORE_INDEX, dtype=torch.int64),
             "id": sample.id,
         }
 

@@ -340,6 +340,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     # Data: the sampler's order depends on (seed, epoch) only; the generator seeds the workers.
     # Per-sample augmentation seeds + DistributedSampler's (seed, epoch) order: the global batch of a
     # step is the same images, augmented alike, whatever the number of processes or loader workers.
+    if cfg.data.augment == "timm" and getattr(method, "target", "label") == "mask":
+        raise ConfigError("data.augment: timm moves pixels without their mask: it cannot train on pseudo masks "
+                          "(stage 2); use data.augment: crop")
     dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad, seed=t.seed)
     per_batch = max(1, t.batch_size // info.world_size)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
