@@ -173,6 +173,23 @@ def test_select_pce_patches():
 # --------------------------------------------------------------------------------------------- method
 
 
+def test_hv_bilstm_keras_init():
+    torch.manual_seed(0)
+    m = HVBiLSTM(32, init="keras")  # hidden 8 a direction
+    for lstm in (m.rows, m.cols):
+        for suffix in ("", "_reverse"):
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l0{suffix}"), getattr(lstm, f"weight_hh_l0{suffix}")
+            assert w_ih.abs().max() <= (6 / (32 + 32)) ** 0.5 + 1e-6  # glorot-uniform over [32 in, 4 x 8 out]
+            assert torch.allclose(w_hh.T @ w_hh, torch.eye(8), atol=1e-5)  # orthogonal columns
+            b = getattr(lstm, f"bias_ih_l0{suffix}") + getattr(lstm, f"bias_hh_l0{suffix}")
+            assert torch.equal(b[8:16], torch.ones(8)) and b[:8].abs().sum() == 0 and b[16:].abs().sum() == 0
+    plain = HVBiLSTM(32)
+    assert plain.rows.bias_ih_l0.abs().sum() > 0  # torch's default: uniform biases
+    with pytest.raises(ConfigError, match="hv_bilstm_init"):
+        PatchClassifier(PatchClassificationConfig(hv_bilstm=True, hv_bilstm_init="tf"), ModelConfig(), 3,
+                        backbone=nn.Identity())
+
+
 def test_hv_bilstm_shape():
     m = HVBiLSTM(8)
     assert m(torch.randn(2, 8, 3, 5)).shape == (2, 8, 3, 5)

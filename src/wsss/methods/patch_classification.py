@@ -99,6 +99,7 @@ class PatchClassificationConfig:
     background: str = "learned"
     adaptive_ratio: float = 0.5  # pooling=adaptive: positions >= ratio * max are averaged
     hv_bilstm: bool = False
+    hv_bilstm_init: str = "torch"  # torch: nn.LSTM's uniform +-1/sqrt(h); keras: Keras' LSTM defaults (ViT-PCM)
     dropout: float = 0.2
     classifier_weight_decay: float = 0.01  # L2 on the classifier (added to the loss)
     classifier_init_std: float = 0.0  # > 0: classifier weights ~ N(0, std^2) (ViT-PCM: 0.05); 0: torch's default
@@ -110,12 +111,30 @@ class HVBiLSTM(nn.Module):
     """ViT-PCM's HV-BiLSTM: a bidirectional LSTM along each row and one along each column of the grid,
     D/4 hidden units per direction, the four outputs concatenated back to D channels."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init: str = "torch"):
         super().__init__()
         hidden = max(1, dim // 4)
         self.out_channels = 4 * hidden
         self.rows = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
         self.cols = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        if init == "keras":
+            self._keras_init(hidden)
+
+    def _keras_init(self, hidden: int) -> None:
+        """Keras' LSTM defaults (ViT-PCM is Keras): glorot-uniform input kernel, orthogonal recurrent kernel,
+        zero bias but 1 on the forget gate. Both frameworks order the gates i, f, g/c, o; torch's two biases
+        add up, so the forget 1 goes on one of them."""
+        for lstm in (self.rows, self.cols):
+            for name, p in lstm.named_parameters():
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(p)
+                else:
+                    nn.init.zeros_(p)
+                    if name.startswith("bias_ih"):
+                        with torch.no_grad():
+                            p[hidden : 2 * hidden] = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D, h, w] -> [B, 4*hidden, h, w]
         b, d, h, w = x.shape
@@ -134,6 +153,8 @@ def _check(cfg: PatchClassificationConfig) -> None:
         raise ConfigError(f"method.k: {cfg.k} must be > 0 (a count >= 1 or a fraction in (0, 1))")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"method.dropout: {cfg.dropout} must be in [0, 1)")
+    if cfg.hv_bilstm_init not in ("torch", "keras"):
+        raise ConfigError(f"method.hv_bilstm_init: unknown {cfg.hv_bilstm_init!r} (torch, keras)")
     if cfg.background not in BACKGROUNDS:
         raise ConfigError(f"method.background: unknown {cfg.background!r} (one of {', '.join(BACKGROUNDS)})")
     if cfg.bg_k < 0:
@@ -164,7 +185,7 @@ class PatchClassifier(Method):
             backbone = create_backbone(model_cfg.backbone)
         self.backbone = backbone
         dim = backbone.out_channels
-        self.bilstm = HVBiLSTM(dim) if cfg.hv_bilstm else None
+        self.bilstm = HVBiLSTM(dim, cfg.hv_bilstm_init) if cfg.hv_bilstm else None
         self.embed_dim = self.bilstm.out_channels if self.bilstm is not None else dim
         # a per-patch linear classifier without bias: a 1x1 conv on the grid
         learned_bg = cfg.background == "learned"
