@@ -7,6 +7,7 @@ BatchNorm affine parameters (train.*), with an exact resume across the phase cha
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,3 +404,14 @@ def test_timm_augment_refuses_to_train_on_masks(voc, tmp_path, monkeypatch):
     with pytest.raises(WsssConfigError, match="data.augment: timm"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_adam_eps_reaches_the_optimizer():
+    from wsss.engine.trainer import build_optimizer
+
+    cfg = make_cfg(Path("."), optimizer="adam", adam_eps=1e-7)
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert build_optimizer(cfg, [{"params": [p], "lr": 0.1}]).param_groups[0]["eps"] == 1e-7
+    cfg.train.optimizer = "adamw"
+    assert build_optimizer(cfg, [{"params": [p], "lr": 0.1}]).param_groups[0]["eps"] == 1e-7
+    assert make_cfg(Path(".")).train.adam_eps == 1e-8  # torch's default unless a preset says otherwise

@@ -101,6 +101,7 @@ class TrainConfig:
     reset_optimizer_after_freeze: bool = False
     weight_decay: float = 0.01
     momentum: float = 0.9  # sgd only
+    adam_eps: float = 1e-8  # adam / adamw epsilon (torch's default; Keras' is 1e-7)
     scheduler: str = "cosine"  # cosine | poly | constant
     warmup_epochs: float = 0.0  # linear lr warm-up
     warmup_lr: float = 0.0  # the warm-up starts from this lr (every group), 0: from 0 (timm's warmup_lr)

@@ -115,9 +115,9 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     t = cfg.train
     groups = [g for g in groups if g["params"]]
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r} (adam, adamw, sgd)")
