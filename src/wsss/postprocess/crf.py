@@ -13,10 +13,11 @@ Presets (the parameters the papers' public code passes to pydensecrf):
   gaussian sxy=3 compat=3, bilateral sxy=80 srgb=13 compat=10, 10 mean-field iterations.
 - `vit_pcm`: ViT-PCM's own inference (Rossetti et al. 2022): 10 iterations, gaussian sxy=1 compat=3,
   bilateral sxy=67 srgb=3 compat=4.
-- `toco`: **unverified (written from memory)**. ToCo (Ru et al. 2023, rulixiang/ToCo
-  `tools/infer_seg_voc.py`, the same as their AFA): DeepLab's `DenseCRF` wrapper with iter_max=10,
-  pos_xy_std=1, pos_w=1, bi_xy_std=121, bi_rgb_std=5, bi_w=4; no copy of that code was available offline
-  to re-check.
+- `toco`: ToCo (Ru et al. 2023): rulixiang/ToCo `tools/infer_seg_voc.py` `crf_proc` (checked
+  2026-12-03 at commit 6d47d97) builds its `DenseCRF` with iter_max=10, pos_xy_std=1, pos_w=1,
+  bi_xy_std=121, bi_rgb_std=5, bi_w=4 (gaussian sxy / compat, bilateral sxy / srgb / compat). Its
+  wrapper (`utils/dcrf.py`, deeplab-pytorch's) is not in the stored copy; the mapping assumes it passes
+  those six values straight to pydensecrf, as deeplab-pytorch's does.
 - `custom`: the values in `CRFConfig` as given.
 
 `refine` is a top-level function of numpy arrays and a dataclass, so it pickles into worker processes;
