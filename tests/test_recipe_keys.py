@@ -415,3 +415,14 @@ def test_adam_eps_reaches_the_optimizer():
     cfg.train.optimizer = "adamw"
     assert build_optimizer(cfg, [{"params": [p], "lr": 0.1}]).param_groups[0]["eps"] == 1e-7
     assert make_cfg(Path(".")).train.adam_eps == 1e-8  # torch's default unless a preset says otherwise
+
+
+def test_native_resize_keeps_the_images_own_scale():
+    # a 30 x 40 sample, crop 16, s = 1: no resize, a 16 x 16 crop of the original pixels
+    out = TrainTransform(_data(resize="native"), 3)(_sample())
+    assert out["image"].shape == (3, 16, 16) and (out["mask"] != 255).all()
+    # s = 0.25: 8 x 10 px, padded to the crop (the mask's padding 255)
+    small = TrainTransform(_data(resize="native", scale_range=[0.25, 0.25]), 3)(_sample())
+    assert int((small["mask"] != 255).sum()) == 8 * 10
+    # inference with resize native: the image as it is, whatever infer.size says
+    assert EvalTransform(_data(), size=24, num_classes=3, resize="native")(_sample())["image"].shape == (3, 30, 40)

@@ -39,8 +39,9 @@ class DataConfig:
     crop_size: int = 224
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # random resize before the crop
     # short: the short side becomes s * crop_size (aspect kept), then a crop_size crop; long: the long
-    # side does (SEAM's RandomResizeLong); square: the whole image is resized to (s * crop_size) squared
-    # (aspect not kept), so s = 1 is the whole image, no crop
+    # side does (SEAM's RandomResizeLong); native: the image at its own resolution x s (objects keep their
+    # pixel size); square: the whole image is resized to (s * crop_size) squared (aspect not kept), so
+    # s = 1 is the whole image, no crop
     resize: str = "short"
     # crop: the above (resize, crop, flips, jitter); timm: timm's ImageNet training pipeline with MCTformer's
     # values (RandomResizedCrop, RandAugment m9, random erasing 0.25; wsss.data.transforms), no masks
@@ -146,7 +147,8 @@ class InferConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     size: int = 0  # resize the short side to this before inference (0: the crop size; -1: the image as it is)
-    resize: str = "short"  # short / long: that side to `size` (aspect kept); square: the image to size x size
+    resize: str = "short"  # short / long: that side to `size` (aspect kept); square: the image to size x size;
+    #                        native: the image as it is (size ignored)
     # where the kept classes' maps are normalised: full (each divided by its max after upsampling to the
     # image) | grid (ViT-PCM: at the feature grid, each pass's kept classes divided by their max, then
     # by their sum over classes, then upsampled and averaged)

@@ -91,6 +91,8 @@ def _resize_long_side(image: Image.Image, long: int) -> Image.Image:
 
 def _resize(image: Image.Image, side: int, mode: str) -> Image.Image:
     """`side` applied to the short side, the long side or both (square: aspect not kept)."""
+    if mode == "native":
+        raise ValueError("resize: native scales by a factor, not to a side")  # callers handle it
     return {"short": _resize_short_side, "long": _resize_long_side, "square": _resize_square}[mode](image, side)
 
 
@@ -99,7 +101,7 @@ def _resize_square(image: Image.Image, side: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
-RESIZE_MODES = ("short", "long", "square")
+RESIZE_MODES = ("short", "long", "square", "native")
 AUGMENTS = ("crop", "timm")  # data.augment: ours (resize + crop + flips + jitter) or timm's ImageNet pipeline
 TIMM_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # MCTformer main.py --aa
 TIMM_RE_PROB = 0.25  # MCTformer main.py --reprob (mode pixel, count 1)
@@ -140,8 +142,10 @@ class TrainTransform(_Base):
     Resize rule: s ~ U(scale_range) and the image's short side becomes s * crop_size, whatever the
     source resolution, so s = 1 makes the crop span the short side and s < 1 pads. With `data.resize:
     long` the long side becomes s * crop_size instead (SEAM's RandomResizeLong). With `data.resize:
-    square` the whole image becomes (s * crop_size) squared instead (aspect ratio not kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size; padding is the
-    mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
+    native` the image keeps its own resolution, times s (objects keep their pixel size, whatever the
+    image size). With `data.resize: square` the whole image becomes (s * crop_size) squared instead
+    (aspect ratio not kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size;
+    padding is the mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
     transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
     (nearest neighbour); jitter (`color_jitter`, or per-factor ranges `brightness` / `contrast` /
     `saturation`, and `hue`) and greying (`grey_p`) touch the image only.
@@ -201,8 +205,12 @@ class TrainTransform(_Base):
             return self._timm(sample, num_classes)
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
-        side = max(1, round(s * self.crop))
-        image = _resize(sample.image, side, self.resize)
+        if self.resize == "native":  # the image's own resolution x s: objects keep their pixel size
+            w0, h0 = sample.image.size
+            size = (max(1, round(w0 * s)), max(1, round(h0 * s)))
+            image = sample.image if size == sample.image.size else sample.image.resize(size, Image.BILINEAR)
+        else:
+            image = _resize(sample.image, max(1, round(s * self.crop)), self.resize)
         w, h = image.size
         mask = None
         if sample.mask is not None:
@@ -270,7 +278,7 @@ class EvalTransform(_Base):
 
     def __call__(self, sample: RawSample, num_classes: int | None = None) -> dict:
         w, h = sample.image.size
-        if self.size <= 0:
+        if self.size <= 0 or self.resize == "native":
             image = sample.image
         else:
             image = _resize(sample.image, self.size, self.resize)
