@@ -251,3 +251,13 @@ def test_report_and_console_show_the_alarm(runs, voc, tmp_path):
     print_alarms(console, {"runs": {"0": {"alarms": {"pseudo_val": "pseudo masks look collapsed: [x]"}}, "1": {}}})
     print_alarms(console, {"alarms": {}})
     assert console.export_text().strip() == "warning seed 0 pseudo_val: pseudo masks look collapsed: [x]"
+
+
+def test_trainer_check_without_image_scores_counts_masks_only(voc, tmp_path, monkeypatch):
+    def no_scores(self, images):
+        raise NotImplementedError("maps but no image scores")
+
+    monkeypatch.setattr(MapsMethod, "image_scores", no_scores)
+    _train(tmp_path / "run", voc, "colour")
+    masks = _last_masks(tmp_path / "run")
+    assert masks["images"] == 8 and "top_hit_rate" not in masks and masks["alarm"] is None

@@ -232,6 +232,7 @@ def train_check(method, dataset, cfg, info=None, n: int = TRAIN_CHECK_IMAGES) ->
     tf = eval_transform(cfg)
     count = min(n, len(dataset))
     no_maps = False  # a method without class maps (AffinityNet): nothing to check
+    scores_ok = True
     with torch.no_grad():
         for i in D.shard(count, info) if info is not None else range(count):
             try:
@@ -245,7 +246,13 @@ def train_check(method, dataset, cfg, info=None, n: int = TRAIN_CHECK_IMAGES) ->
                 no_maps = True
                 break
             stats.add(seed_mask(keep, probs))
-            stats.add_scores(method.image_scores(x[None].to(next(method.parameters()).device))[0].float(), sample.tags)
+            if scores_ok:
+                try:
+                    scores = method.image_scores(x[None].to(next(method.parameters()).device))[0].float()
+                except NotImplementedError:  # a method with maps but no image scores: masks only
+                    scores_ok = False
+                else:
+                    stats.add_scores(scores, sample.tags)
     device = info.device if info is not None else None
     if D.any_rank(no_maps, device if device is not None else torch.device("cpu")):  # every rank returns alike
         return None
