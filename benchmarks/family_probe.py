@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from wsss.config import BackboneConfig
 from wsss.data import open_dataset
 from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.engine.inference import seed_mask
 from wsss.evaluation.metrics import ConfusionMatrix
 from wsss.models.backbones import create_backbone
 from wsss.pooling import topk_pool
@@ -57,6 +58,7 @@ def probe(train, val, background: str, epochs: int, k: float = 0.1, lr: float = 
     xtr, xva = xtr.float(), xva.float()
     num_fg, dim = ytr.shape[1], xtr.shape[1]
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator
     head = torch.nn.Conv2d(dim, num_fg + (background == "learned"), 1, bias=False)
     torch.nn.init.normal_(head.weight, 0, 0.01, generator=g)
     bg_logit = torch.nn.Parameter(torch.zeros(1))
@@ -91,7 +93,7 @@ def probe(train, val, background: str, epochs: int, k: float = 0.1, lr: float = 
         keep = [0, *(int(c) + 1 for c in yva[i].nonzero().flatten())]
         maps = F.interpolate(z[i : i + 1, keep], size=gt.shape, mode="bilinear", align_corners=False)[0]
         maps = maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)
-        pred = np.asarray(keep)[maps.argmax(0).numpy()]
+        pred = seed_mask(keep, maps)
         cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))
         valid = gt != 255
         fg += int(((pred > 0) & valid).sum())

@@ -233,6 +233,7 @@ def train_check(method, dataset, cfg, info=None, n: int = TRAIN_CHECK_IMAGES) ->
     count = min(n, len(dataset))
     no_maps = False  # a method without class maps (AffinityNet): nothing to check
     scores_ok = True
+    param_device = next(method.parameters()).device
     with torch.no_grad():
         for i in D.shard(count, info) if info is not None else range(count):
             try:
@@ -248,7 +249,7 @@ def train_check(method, dataset, cfg, info=None, n: int = TRAIN_CHECK_IMAGES) ->
             stats.add(seed_mask(keep, probs))
             if scores_ok:
                 try:
-                    scores = method.image_scores(x[None].to(next(method.parameters()).device))[0].float()
+                    scores = method.image_scores(x[None].to(param_device))[0].float()
                 except NotImplementedError:  # a method with maps but no image scores: masks only
                     scores_ok = False
                 else:

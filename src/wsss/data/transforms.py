@@ -75,30 +75,23 @@ def _mask_tensor(mask: np.ndarray | None, size_hw: tuple[int, int]) -> torch.Ten
     return torch.from_numpy(np.array(mask, dtype=np.int64))  # a copy: PIL arrays are read-only
 
 
-def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
+def _scaled(image: Image.Image, ratio: float) -> Image.Image:
+    """The image scaled by `ratio`, aspect kept (itself when the size does not change)."""
     w, h = image.size
-    ratio = short / min(w, h)
     size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
-def _resize_long_side(image: Image.Image, long: int) -> Image.Image:
+def _resize(image: Image.Image, side: float, mode: str) -> Image.Image:
+    """short / long: that side becomes `side`; square: both sides (aspect not kept); native: `side` is a
+    factor on the image's own size."""
     w, h = image.size
-    ratio = long / max(w, h)
-    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-    return image if size == image.size else image.resize(size, Image.BILINEAR)
-
-
-def _resize(image: Image.Image, side: int, mode: str) -> Image.Image:
-    """`side` applied to the short side, the long side or both (square: aspect not kept)."""
+    if mode == "square":
+        size = (max(1, round(side)), max(1, round(side)))
+        return image if size == image.size else image.resize(size, Image.BILINEAR)
     if mode == "native":
-        raise ValueError("resize: native scales by a factor, not to a side")  # callers handle it
-    return {"short": _resize_short_side, "long": _resize_long_side, "square": _resize_square}[mode](image, side)
-
-
-def _resize_square(image: Image.Image, side: int) -> Image.Image:
-    size = (max(1, side), max(1, side))
-    return image if size == image.size else image.resize(size, Image.BILINEAR)
+        return _scaled(image, side)
+    return _scaled(image, side / (min(w, h) if mode == "short" else max(w, h)))
 
 
 RESIZE_MODES = ("short", "long", "square", "native")
@@ -145,8 +138,8 @@ class TrainTransform(_Base):
     native` the image keeps its own resolution, times s (objects keep their pixel size, whatever the
     image size). With `data.resize: square` the whole image becomes (s * crop_size) squared instead
     (aspect ratio not kept; ViT-PCM's 384 x 384 with s = 1: no crop). The crop is crop_size x crop_size;
-    padding is the mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`), v-flip (`vflip`) and
-    transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
+    padding is the mean colour (0 after normalisation) and 255 in the mask. Then h-flip (`hflip`),
+    v-flip (`vflip`) and transpose (`transpose`), each with p = 0.5. Geometric ops are applied identically to the mask
     (nearest neighbour); jitter (`color_jitter`, or per-factor ranges `brightness` / `contrast` /
     `saturation`, and `hue`) and greying (`grey_p`) touch the image only.
 
@@ -205,12 +198,9 @@ class TrainTransform(_Base):
             return self._timm(sample, num_classes)
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()
-        if self.resize == "native":  # the image's own resolution x s: objects keep their pixel size
-            w0, h0 = sample.image.size
-            size = (max(1, round(w0 * s)), max(1, round(h0 * s)))
-            image = sample.image if size == sample.image.size else sample.image.resize(size, Image.BILINEAR)
-        else:
-            image = _resize(sample.image, max(1, round(s * self.crop)), self.resize)
+        # native: the image's own resolution x s (objects keep their pixel size); else a side of s * crop
+        side = s if self.resize == "native" else max(1, round(s * self.crop))
+        image = _resize(sample.image, side, self.resize)
         w, h = image.size
         mask = None
         if sample.mask is not None:
@@ -241,7 +231,6 @@ class TrainTransform(_Base):
             "mask": torch.from_numpy(np.ascontiguousarray(out_mask)).to(torch.int64),
             "id": sample.id,
         }
-
 
     def _timm(self, sample: RawSample, num_classes: int | None) -> dict:
         import random
