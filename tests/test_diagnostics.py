@@ -111,7 +111,8 @@ def test_all_background_fires_its_own_line():
 class MapsConfig(FakeConfig):
     name: str = "fake_maps"
     maps: str = "colour"  # colour: the squares' colours (healthy); spot: background in one spot (collapsed);
-    # none: class_maps raises NotImplementedError (AffinityNet)
+    # none: class_maps raises NotImplementedError (AffinityNet); blind: colour masks, but the image scores
+    # swapped (the top-scored class is the one not there: a classifier that has not learned the tags)
 
 
 class MapsMethod(FakeMethod):
@@ -133,9 +134,20 @@ class MapsMethod(FakeMethod):
         maps = torch.cat([bg, fg, fg.new_zeros((fg.shape[0], self.num_classes - 3, *fg.shape[2:]))], 1)
         return maps + 0 * learned.sum()
 
+    def forward_losses(self, images, labels, epoch):  # plus the batch's recognition figures, as methods give
+        from wsss.methods.base import tag_hits
+
+        losses = super().forward_losses(images, labels, epoch)
+        try:
+            return {**losses, **tag_hits(self.image_scores(images), labels)}
+        except NotImplementedError:  # the test without image scores
+            return losses
+
     def image_scores(self, images):  # the squares' colours in both modes: recognised, whatever the masks
         r, g = images[:, 0] - images[:, 1], images[:, 1] - images[:, 0]
         fg = torch.stack([(r > 1.5).float(), (g > 1.5).float()], 1).flatten(2).mean(-1)
+        if self.cfg.maps == "blind":
+            fg = fg.flip(1)
         return torch.cat([fg, fg.new_zeros((fg.shape[0], self.num_classes - 3))], 1)
 
 
@@ -179,6 +191,49 @@ def test_trainer_check_fires_on_collapse_silent_when_healthy(runs, voc, tmp_path
     assert "masks" not in json.loads((tmp_path / "nomaps" / "log.jsonl").read_text())
     _train(tmp_path / "loud", voc, "spot")
     assert "warning: epoch 1: train pseudo masks look collapsed" in capsys.readouterr().err
+
+
+def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_picked(voc, tmp_path, capsys):
+    """train.extend_unrecognised: a classifier whose top class is not a tag gets more schedules (the lr
+    back at the schedule's start), at most the given number; one that picks the tags stops on time."""
+    from wsss.io import load_checkpoint
+
+    def run(name, maps, **kw):
+        cfg = make_cfg(voc, epochs=2, max_steps_per_epoch=2, val_every=0, method={"name": "fake_maps", "maps": maps}, **kw)
+        result = train(cfg, tmp_path / name, progress=False)
+        return result, [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    capsys.readouterr()
+    blind, log = run("blind", "blind", extend_unrecognised=2)
+    assert blind["epochs"] == 6 and [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("extended") for r in log] == [None, True, None, None, None, None]  # once, 2 x 2 epochs more
+    assert log[1]["masks"]["top_hit_rate"] < dg.RECOGNISED_GAIN and dg.recognised_summary(log[1]["masks"]) is False
+    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    assert log[1]["lr"] == 0 and log[-1]["lr"] == 0  # each schedule decays to 0 ...
+    assert log[2]["lr"] > log[3]["lr"] > log[4]["lr"] > 0 and log[2]["lr"] > log[0]["lr"]  # ... the second over 8 steps
+    assert load_checkpoint(tmp_path / "blind" / "last.pt")["cycles"] == 1
+    assert capsys.readouterr().err.count("4 more epochs, the lr schedule restarted") == 1
+
+    from engine_fakes import Crash  # killed in the second restart's first step, then resumed: the same run
+    crashing = make_cfg(voc, epochs=2, max_steps_per_epoch=2, val_every=0, extend_unrecognised=2,
+                        method={"name": "fake_maps", "maps": "blind", "crash_at_step": 8})
+    with pytest.raises(Crash):
+        train(crashing, tmp_path / "resumed", progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["cycles"] == 1
+    crashing.method.crash_at_step = -1
+    assert train(crashing, tmp_path / "resumed", resume=True, progress=False)["epochs"] == 6
+    a, b = load_checkpoint(tmp_path / "blind" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["global_step"] == b["global_step"]
+
+    assert not any(r.get("recognised") for r in log) and not load_checkpoint(tmp_path / "blind" / "last.pt")["recognised"]
+
+    seeing, log = run("seeing", "colour", extend_unrecognised=2)
+    assert seeing["epochs"] == 2 and len(log) == 2 and "extended" not in log[-1]
+    assert log[0]["tag_hit"] == 1.0 and log[0]["recognised"] is True and "recognised" not in log[1]  # flagged once
+    assert load_checkpoint(tmp_path / "seeing" / "last.pt")["recognised"] is True
+    assert dg.recognised_summary(log[-1]["masks"]) is True  # checked at the end even without a val pass
+    off, log = run("off", "blind")  # the default: no extension
+    assert off["epochs"] == 2 and "masks" not in log[-1]
 
 
 def test_tensorboard_scalars():

@@ -142,7 +142,8 @@ def test_torchrun_cli_real_method(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wsss",
            "train", "demo/usage_cnn", "--out", str(run), "-o", f"data.root={voc}", "-o", "data.crop_size=32",
            "-o", "data.num_workers=0", "-o", "train.batch_size=4", "-o", "train.epochs=2",
-           "-o", "train.freeze_backbone_epochs=1", "-o", "train.trainable_blocks=2"]
+           "-o", "train.freeze_backbone_epochs=1", "-o", "train.trainable_blocks=2",
+           "-o", "train.extend_unrecognised=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]

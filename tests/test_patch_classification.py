@@ -205,7 +205,8 @@ def test_forward_losses_finite_with_gradients(hv):
     model.train()
     x, y = batch()
     out = model.forward_losses(x, y, epoch=0)
-    assert set(out) == {"loss", "mce", "et", "pce", "l2"}
+    assert set(out) == {"loss", "mce", "et", "pce", "l2", "tag_hit", "tag_chance"}
+    assert 0 <= float(out["tag_hit"]) <= 1 and 0 < float(out["tag_chance"]) <= 1
     assert all(torch.isfinite(v) for v in out.values())
     assert out["et"] > 0 and out["pce"] > 0 and out["l2"] > 0
     out["loss"].backward()
@@ -313,3 +314,22 @@ def test_pce_projection_head_is_used_and_trained():
     assert method.pce_projection[0].weight.grad.abs().sum() > 0
     assert method.backbone.head.weight.grad.abs().sum() > 0
     assert make().pce_projection is None  # the literal form: PCE on the embeddings themselves
+
+
+def test_pce_after_recognition_waits_for_the_trainer_flag():
+    model = make(pce=PCEConfig(weight=1.0, confidence=0.0, after_recognition=True))
+    model.train()
+    x, y = batch()
+    assert float(model.forward_losses(x, y, epoch=3)["pce"]) == 0  # not yet recognised: no PCE
+    model.recognised = True
+    assert float(model.forward_losses(x, y, epoch=3)["pce"]) > 0
+
+
+def test_tag_hits_counts_top_class_among_tags():
+    from wsss.methods.base import tag_hits
+
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.6], [0.5, 0.4, 0.3]])
+    labels = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 1, 1], [0, 0, 0]])  # the last image has no tags
+    out = tag_hits(scores, labels)
+    assert float(out["tag_hit"]) == pytest.approx(2 / 3)  # hit, miss, hit
+    assert float(out["tag_chance"]) == pytest.approx((1 + 2 + 2) / 9)

@@ -431,7 +431,7 @@ def test_split_files_cannot_leave_the_dataset_root(tmp_path):
 
 
 TKP_OVERRIDES = ["train.epochs=3", "train.max_steps_per_epoch=2", "train.batch_size=4", "data.crop_size=64",
-                 "model.backbone.pretrained=false", "data.num_workers=1"]
+                 "model.backbone.pretrained=false", "data.num_workers=1", "train.extend_unrecognised=0"]
 
 
 def _tkp_args(root: Path) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsss.diagnostics import tensorboard_scalars, train_check
+from wsss.diagnostics import RECOGNISED_GAIN, picks_tags, tensorboard_scalars, train_check
 from wsss.engine import distributed as D
 from wsss.engine.inference import evaluate_seeds, loader_iter, resolve_workers
 from wsss.errors import ConfigError, DataError, TrainingError
@@ -146,22 +146,64 @@ def lr_at(step: int, total: int, warmup: int, kind: str, base: float, warmup_lr:
     return min_lr + (base - min_lr) * lr_factor(step, total, warmup, kind)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg, total: int, warm: int):
+def build_scheduler(opt: torch.optim.Optimizer, cfg, total: int, warm: int, cycles: list[int] | None = None):
     """(LambdaLR over the whole run, the base lrs its lambdas read). With warmup_lr / min_lr the lambdas
-    are per group (those lrs are absolute, as timm's); `unfreeze_optimizer` changes the bases."""
+    are per group (those lrs are absolute, as timm's); `unfreeze_optimizer` changes the bases. `cycles`:
+    a one-item list the trainer holds, 1 once `restart_schedule` has run: the schedule then starts again
+    from its top over `train.extend_unrecognised` x its length (a warm restart into one long schedule)."""
     t = cfg.train
     lr_factor(0, total, warm, t.scheduler)  # validate the name before training
     bases = [g["lr"] for g in opt.param_groups]
+    cycles = cycles if cycles is not None else [0]
+
+    def local(s: int) -> tuple[int, int]:  # (step within the current schedule, its length)
+        return (s, total) if cycles[0] == 0 else (s - total, total * max(1, t.extend_unrecognised))
+
     if t.warmup_lr == 0 and t.min_lr == 0:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.scheduler)), bases
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(*local(s), warm, t.scheduler)), bases
 
     def group_lambda(i: int):
         def f(s: int) -> float:
             b = bases[i]
-            return lr_at(s, total, warm, t.scheduler, b, t.warmup_lr, t.min_lr) / b if b > 0 else 0.0
+            return lr_at(*local(s), warm, t.scheduler, b, t.warmup_lr, t.min_lr) / b if b > 0 else 0.0
         return f
 
     return torch.optim.lr_scheduler.LambdaLR(opt, [group_lambda(i) for i in range(len(bases))]), bases
+
+
+def restart_schedule(opt: torch.optim.Optimizer, sched, cycles: list[int]) -> None:
+    """Begin the extra schedule (`train.extend_unrecognised`): the optimizer's moments are kept, the next
+    step's lr is the schedule's first again."""
+    cycles[0] += 1
+    for i, g in enumerate(opt.param_groups):  # the lr of the next step, as LambdaLR would set it
+        g["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bool:
+    """At the end of a schedule with `train.extend_unrecognised` restarts left: True (and the record and
+    console say so) when the classifier does not yet pick the train images' tags (the alarm's
+    "unrecognised", wsss.diagnostics) and training goes on for another schedule."""
+    from wsss.diagnostics import recognised_summary
+
+    masks = record.get("masks")
+    if masks is None:  # no validation pass this epoch: the same check, on the same fixed train images
+        method.eval()
+        masks = train_check(method, train_raw, cfg, info)
+        if masks is None:  # a method without class maps: nothing to decide by
+            return False
+        record["masks"] = masks
+    verdict = recognised_summary(masks)
+    if verdict is None or verdict:
+        return False
+    record["extended"] = True
+    more = cfg.train.epochs * cfg.train.extend_unrecognised
+    if info.is_main:
+        print(f"note: epoch {record['epoch']}: the classifier does not pick the tags yet (top class a tag in "
+              f"{masks['top_hit_rate']:.0%} of {masks['images']} train images, chance {masks['top_hit_chance']:.0%}): "
+              f"{more} more epochs, the lr schedule restarted (train.extend_unrecognised: "
+              f"{cfg.train.extend_unrecognised})", file=sys.stderr)
+    return True
 
 
 def check_phases(cfg) -> None:
@@ -356,7 +398,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     )
     steps = len(loader) if t.max_steps_per_epoch <= 0 else min(len(loader), t.max_steps_per_epoch)
     total, warm = t.epochs * steps, int(round(t.warmup_epochs * steps))
-    sched, base_lrs = build_scheduler(opt, cfg, total, warm)
+    cycles = [0]  # 1 once the extra schedule of train.extend_unrecognised has begun
+    sched, base_lrs = build_scheduler(opt, cfg, total, warm, cycles)
     amp_dtype, use_scaler = _amp(t.amp, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
 
@@ -370,6 +413,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         base_lrs[:] = sched.base_lrs  # phase 2's bases when the run resumes after the unfreeze
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        cycles[0] = state.get("cycles", 0)
+        method.recognised = bool(state.get("recognised", False))
         start_epoch, step, best = state["epoch"], state["global_step"], state.get("best_miou")
         last_miou = state.get("miou")
         rngs = state["rng"]
@@ -385,7 +430,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
 
     tb = _tensorboard(out) if t.tensorboard and main else None
     model, phase = None, None
-    for epoch in range(start_epoch, t.epochs):
+    epoch = start_epoch
+    # the run ends after t.epochs, or after the extra (extend_unrecognised x t.epochs) an unrecognising
+    # classifier earns at that point
+    while epoch < (end := t.epochs * (1 + cycles[0] * t.extend_unrecognised)):
         frozen = epoch < t.freeze_backbone_epochs
         if t.freeze_backbone_epochs > 0 and epoch == t.freeze_backbone_epochs:  # once, resumed or not
             unfreeze_optimizer(opt, sched, base_lrs, cfg)
@@ -404,16 +452,20 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         t0 = time.time()
         sums, skipped, n_steps, n_images, step = _run_epoch(
             cfg, method, model, loader, opt, sched, scaler, amp_dtype, trainable, dev, epoch, step, steps,
-            tb, progress and main, last_path)
+            tb, progress and main, last_path, of=end)
         seconds = time.time() - t0
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
+        if not method.recognised and "tag_hit" in avg and picks_tags(avg["tag_hit"], avg["tag_chance"], RECOGNISED_GAIN):
+            method.recognised = record["recognised"] = True  # from the next epoch (pce.after_recognition)
 
-        if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+        if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == end):
             miou, best = _validate(cfg, method, train_raw, val_raw, info, record, skipped, best, best_path,
                                    epoch, progress and main)
             last_miou = miou if val_raw is not None else last_miou
+        if epoch + 1 == end and cycles[0] == 0 and t.extend_unrecognised > 0 and _extend(cfg, method, train_raw, info, record, cycles):
+            restart_schedule(opt, sched, cycles)
         rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
         if cfg.data.skip_bad:  # every rank's skips, listed in log.jsonl and RUN/skipped.txt
             skipped = dict.fromkeys(m for rank in D.all_gather_object(list(skipped)) for m in rank)
@@ -431,21 +483,23 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
             save_checkpoint(last_path, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": step, "best_miou": best,
-                "miou": last_miou, "rng": rng, "world_size": info.world_size,
+                "miou": last_miou, "rng": rng, "world_size": info.world_size, "cycles": cycles[0],
+                "recognised": method.recognised,
             })
             if progress:
                 shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 print(shown, file=sys.stderr)
         D.barrier()
+        epoch += 1
 
     if tb is not None:
         tb.close()
-    return {"epochs": t.epochs, "best_miou": best, "miou": last_miou,
+    return {"epochs": end, "best_miou": best, "miou": last_miou,
             "seconds": round(time.time() - t_start, 3), "out_dir": str(out)}
 
 
 def _run_epoch(cfg, method, model, loader, opt, sched, scaler, amp_dtype, trainable, dev, epoch: int, step: int,
-               steps: int, tb, show: bool, last_path: Path):
+               steps: int, tb, show: bool, last_path: Path, of: int | None = None):
     """One epoch's optimisation steps. Returns (loss sums, skipped samples, steps, images, global step)."""
     t = cfg.train
     sums: dict[str, float] = defaultdict(float)
@@ -455,7 +509,7 @@ def _run_epoch(cfg, method, model, loader, opt, sched, scaler, amp_dtype, traina
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{of or t.epochs}", dynamic_ncols=True, leave=False)
     # On an error too: the bar is cleared before the CLI prints it, the loader's workers are stopped.
     with loader_iter(loader) as batches, bar if bar is not None else contextlib.nullcontext():
         for batch in batches:

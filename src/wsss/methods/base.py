@@ -24,6 +24,11 @@ class Method(nn.Module):
     #: a segmentation net (stage 2), whose plain argmax over all classes is the prediction.
     uses_tags: bool = True
 
+    #: Set by the trainer once the batches' tags are picked (its per-epoch `tag_hit` against `tag_chance`, at
+    #: the alarm's RECOGNISED_GAIN;
+    #: saved in last.pt): a method may hold a loss back until then (TKP-PCL's `pce.after_recognition`).
+    recognised: bool = False
+
     def __init__(self, cfg, model_cfg, num_classes: int):
         super().__init__()
         self.cfg = cfg
@@ -54,3 +59,17 @@ class Method(nn.Module):
 
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. an EMA teacher update)."""
+
+
+def tag_hits(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch's recognition figures, free from the scores its loss already made: `tag_hit`, the share of
+    its tagged images whose top-scored foreground class ([B, C] `scores`) is one of their tags
+    (multi-hot `labels`), and `tag_chance`, what picking a class at random would give (tags / C)."""
+    tagged = labels.sum(1) > 0
+    if not bool(tagged.any()):
+        zero = scores.new_zeros(())
+        return {"tag_hit": zero, "tag_chance": zero}
+    top = scores.float().argmax(1)
+    hit = labels.gather(1, top[:, None])[:, 0].float()
+    chance = labels.float().sum(1) / labels.shape[1]
+    return {"tag_hit": hit[tagged].mean(), "tag_chance": chance[tagged].mean()}

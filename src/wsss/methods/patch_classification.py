@@ -37,7 +37,7 @@ from wsss.losses import (
     select_pce_patches,
     warp_maps,
 )
-from wsss.methods.base import Method
+from wsss.methods.base import Method, tag_hits
 from wsss.pooling import adaptive_topk_pool, topk_pool
 
 POOLINGS = ("max", "topk", "adaptive")
@@ -74,6 +74,14 @@ class PCEConfig:
     margin: float = 0.0  # different-class pairs are penalised above this cosine similarity
     max_patches: int = 1024  # patches sampled per batch to bound the pairwise memory
     warmup_epochs: int = 0  # epochs without PCE
+    # true: PCE also waits until the classifier picks the tags of its training batches (the trainer's
+    # per-epoch `tag_hit` against `tag_chance`, the alarm's bar: half way from chance to every image,
+    # wsss.diagnostics.RECOGNISED_GAIN; the embedded benchmark passes it after epoch 1, so its PCE still
+    # starts at epoch 2). PCE pulls together the
+    # patches the classifier itself is confident about; before it tells the classes apart that groups
+    # the wrong patches and holds recognition back (held-out ten-digit F1: MCE 0.29 after 18 epochs
+    # with PCE from epoch 2 against 0.11 without; benchmarks/RESULTS.md, "Transfer").
+    after_recognition: bool = False
     # > 0: PCE acts on a small projection (1x1 conv, ReLU, 1x1 conv to this many channels) of the patch
     # embeddings instead of on the embeddings themselves, as contrastive methods do (SimCLR's projection
     # head): pulling every background patch of a batch onto one point directly in the classifier's input
@@ -246,14 +254,16 @@ class PatchClassifier(Method):
         emb, logits = self._forward(images)
         z = logits.float().softmax(dim=1)
         present = torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1).float()  # bg always present
-        mce = mce_loss(self.pool(z), present)
+        scores = self.pool(z)
+        mce = mce_loss(scores, present)
         zero = mce.new_zeros(())
 
         et = zero
         if self.cfg.et.weight > 0:
             et = self._et_loss(images, present)
         pce = zero
-        if self.cfg.pce.weight > 0 and epoch >= self.cfg.pce.warmup_epochs:
+        if self.cfg.pce.weight > 0 and epoch >= self.cfg.pce.warmup_epochs and (
+                self.recognised or not self.cfg.pce.after_recognition):
             c = self.cfg.pce
             feats = emb if self.pce_projection is None else self.pce_projection(emb)
             sel, cls = select_pce_patches(feats, z, present, c.confidence, c.max_patches)
@@ -262,7 +272,8 @@ class PatchClassifier(Method):
         if self.cfg.classifier_weight_decay > 0:
             l2 = 0.5 * self.cfg.classifier_weight_decay * self.classifier.weight.float().pow(2).sum()
         loss = mce + self.cfg.et.weight * et + self.cfg.pce.weight * pce + l2
-        return {"loss": loss, "mce": mce.detach(), "et": et.detach(), "pce": pce.detach(), "l2": l2.detach()}
+        return {"loss": loss, "mce": mce.detach(), "et": et.detach(), "pce": pce.detach(), "l2": l2.detach(),
+                **tag_hits(scores.detach()[:, 1:], labels)}
 
     def _teacher(self, images: torch.Tensor) -> torch.Tensor:
         # Teacher: plain view, no grad, eval mode (no dropout, BN running stats); every submodule's mode
