@@ -146,3 +146,20 @@ def test_usage_cnn_premise_rows_and_table(bench, tmp_path, capsys):
     capsys.readouterr()
     mod.main(["table", "--work", str(tmp_path)])
     assert "| e1 | small_os8 | tuning | method.tau=-4.0 method.tau_mode=scaled |" in capsys.readouterr().out
+
+
+def test_family_table_cells_and_markdown(bench, tmp_path, monkeypatch):
+    """The grid runner: a scored cell is read back, not redone (resumable), and the table gives mean +- sd
+    over seeds with each seed's value and the predicted foreground range."""
+    ft = bench("family_table")
+    assert set(ft.FAMILIES) >= {"F0", "F1", "F3", "F4"} and "segment" in ft.PRESETS
+    for seed, miou, fg in ((0, 0.5, 0.2), (1, 0.7, 0.3)):
+        out = tmp_path / "work" / "F3" / f"tkp_s{seed}" / "pseudo"
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"miou": miou, "diagnostics": {"foreground_fraction": fg, "alarm": None}}))
+    monkeypatch.setattr(ft, "make_family", lambda name, data: tmp_path / name)
+    monkeypatch.setattr(ft, "_wsss", lambda *a, **k: pytest.fail("a scored cell must not be rerun"))
+    rows = [ft.cell("F3", "tkp", s, tmp_path, tmp_path / "work", []) for s in (0, 1)]
+    text = ft.table(rows, ["F0", "F3"], ["tkp", "vit_pcm"])
+    assert "| `demo/tkp` | not run | **0.600** +- 0.141 (n=2: 0.500, 0.700; fg 20%-30%) |" in text
+    assert "| `demo/vit_pcm` | not run | not run |" in text and "F0 (tuning)" in text and "F3 (held out)" in text

@@ -317,7 +317,7 @@ def test_pce_projection_head_is_used_and_trained():
 
 
 def test_pce_after_recognition_waits_for_the_trainer_flag():
-    model = make(pce=PCEConfig(weight=1.0, confidence=0.0, after_recognition=True))
+    model = make(pce=PCEConfig(weight=1.0, confidence=0.0, after_recognition=0.8))
     model.train()
     x, y = batch()
     assert float(model.forward_losses(x, y, epoch=3)["pce"]) == 0  # not yet recognised: no PCE

@@ -25,9 +25,15 @@ class Method(nn.Module):
     uses_tags: bool = True
 
     #: Set by the trainer once the batches' tags are picked (its per-epoch `tag_hit` against `tag_chance`, at
-    #: the alarm's RECOGNISED_GAIN;
-    #: saved in last.pt): a method may hold a loss back until then (TKP-PCL's `pce.after_recognition`).
+    #: `recognition_gain`; saved in last.pt): a method may hold a loss back until then (TKP-PCL's `pce.after_recognition`).
     recognised: bool = False
+
+    @property
+    def recognition_gain(self) -> float:
+        """How far from chance to 1 the epoch's `tag_hit` must be for `recognised` (the alarm's bar)."""
+        from wsss.diagnostics import RECOGNISED_GAIN
+
+        return RECOGNISED_GAIN
 
     def __init__(self, cfg, model_cfg, num_classes: int):
         super().__init__()

@@ -74,14 +74,13 @@ class PCEConfig:
     margin: float = 0.0  # different-class pairs are penalised above this cosine similarity
     max_patches: int = 1024  # patches sampled per batch to bound the pairwise memory
     warmup_epochs: int = 0  # epochs without PCE
-    # true: PCE also waits until the classifier picks the tags of its training batches (the trainer's
-    # per-epoch `tag_hit` against `tag_chance`, the alarm's bar: half way from chance to every image,
-    # wsss.diagnostics.RECOGNISED_GAIN; the embedded benchmark passes it after epoch 1, so its PCE still
-    # starts at epoch 2). PCE pulls together the
-    # patches the classifier itself is confident about; before it tells the classes apart that groups
-    # the wrong patches and holds recognition back (held-out ten-digit F1: MCE 0.29 after 18 epochs
-    # with PCE from epoch 2 against 0.11 without; benchmarks/RESULTS.md, "Transfer").
-    after_recognition: bool = False
+    # > 0: PCE also waits until the classifier picks the tags of its training batches: the first epoch
+    # whose `tag_hit` (the trainer's per-epoch figure) is at least this far from `tag_chance` to 1 (0.5 is
+    # the collapse alarm's bar, wsss.diagnostics.RECOGNISED_GAIN). PCE pulls together the patches the
+    # classifier itself is confident about; before it tells the classes apart that groups the wrong
+    # patches and holds recognition back (held-out ten-digit F1: MCE 0.29 after 18 epochs with PCE from
+    # epoch 2 against 0.11 without; benchmarks/RESULTS.md, "Transfer"). 0: off (the paper's schedule).
+    after_recognition: float = 0.0
     # > 0: PCE acts on a small projection (1x1 conv, ReLU, 1x1 conv to this many channels) of the patch
     # embeddings instead of on the embeddings themselves, as contrastive methods do (SimCLR's projection
     # head): pulling every background patch of a batch onto one point directly in the classifier's input
@@ -248,6 +247,11 @@ class PatchClassifier(Method):
         bg = topk_pool(flat[:, :1], int(round(bk)) if bk >= 1 else float(bk))
         return torch.cat([bg, scores[:, 1:]], dim=1)
 
+    @property
+    def recognition_gain(self) -> float:
+        """The bar the trainer sets `recognised` at (see `PCEConfig.after_recognition`)."""
+        return self.cfg.pce.after_recognition if self.cfg.pce.after_recognition > 0 else super().recognition_gain
+
     def forward_losses(
         self, images: torch.Tensor, labels: torch.Tensor, epoch: int
     ) -> dict[str, torch.Tensor]:
@@ -263,7 +267,7 @@ class PatchClassifier(Method):
             et = self._et_loss(images, present)
         pce = zero
         if self.cfg.pce.weight > 0 and epoch >= self.cfg.pce.warmup_epochs and (
-                self.recognised or not self.cfg.pce.after_recognition):
+                self.recognised or self.cfg.pce.after_recognition <= 0):
             c = self.cfg.pce
             feats = emb if self.pce_projection is None else self.pce_projection(emb)
             sel, cls = select_pce_patches(feats, z, present, c.confidence, c.max_patches)
