@@ -181,9 +181,9 @@ def restart_schedule(opt: torch.optim.Optimizer, sched, cycles: list[int]) -> No
 
 
 def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bool:
-    """At the end of a schedule with `train.extend_unrecognised` restarts left: True (and the record and
-    console say so) when the classifier does not yet pick the train images' tags (the alarm's
-    "unrecognised", wsss.diagnostics) and training goes on for another schedule."""
+    """At the end of the first schedule with `train.extend_unrecognised` set: True (and the record and the
+    console say so) when the classifier does not yet pick the train images' tags (the alarm's check on its
+    fixed train images, at wsss.diagnostics.EXTEND_GAIN), and training goes on for the longer schedule."""
     from wsss.diagnostics import recognised_summary
 
     masks = record.get("masks")
