@@ -457,8 +457,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         avg = D.all_reduce_mean_dict({k: v / max(1, n_steps) for k, v in sums.items()}, dev)
         record = {"epoch": epoch + 1, **avg, "lr": opt.param_groups[0]["lr"], "step": step,
                   "seconds": round(seconds, 3), "img_s": round(n_images * info.world_size / max(seconds, 1e-9), 2)}
-        if not method.recognised and "tag_hit" in avg and picks_tags(avg["tag_hit"], avg["tag_chance"], method.recognition_gain):
-            method.recognised = record["recognised"] = True  # from the next epoch (pce.after_recognition)
+        if "tag_hit" in avg:  # for the next epoch (pce.after_recognition): on while the tags are picked
+            method.recognised = record["recognised"] = picks_tags(avg["tag_hit"], avg["tag_chance"],
+                                                                  method.recognition_gain)
 
         if t.val_every > 0 and ((epoch + 1) % t.val_every == 0 or epoch + 1 == end):
             miou, best = _validate(cfg, method, train_raw, val_raw, info, record, skipped, best, best_path,
