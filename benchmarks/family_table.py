@@ -43,10 +43,13 @@ FAMILIES = {
 PRESETS = ["vit_pcm", "tkp", "tkp_pcl", "cam_cnn", "usage_cnn", "cam_vit", "usage_vit", "segment"]
 
 
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one thread a cell
+
+
 def _wsss(*args: str, log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("a") as f:
-        subprocess.run([sys.executable, "-m", "wsss", *args], check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+        subprocess.run([sys.executable, "-m", "wsss", *args], check=True, stdout=f, stderr=subprocess.STDOUT, env=_env())
 
 
 def make_family(name: str, data: Path) -> Path:
@@ -57,11 +60,22 @@ def make_family(name: str, data: Path) -> Path:
     return root
 
 
+def _options(root: Path, seed: int, extra: list[str]) -> list[str]:
+    opts = [f"data.root={root}", "train.val_every=0", f"train.seed={seed}", *extra]
+    return [a for o in opts for a in ("-o", o)]
+
+
 def _train(preset: str, root: Path, seed: int, run: Path, extra: list[str]) -> None:
     if not (run / "last.pt").exists():
         run.mkdir(parents=True, exist_ok=True)
-        opts = [f"data.root={root}", "train.val_every=0", f"train.seed={seed}", *extra]
-        _wsss("train", f"demo/{preset}", *[a for o in opts for a in ("-o", o)], "--out", str(run), log=run / "cell.log")
+        _wsss("train", f"demo/{preset}", *_options(root, seed, extra), "--out", str(run), log=run / "cell.log")
+
+
+def _row(summary: Path, family: str, preset: str, seed: int) -> dict:
+    s = json.loads(summary.read_text())
+    diag = s.get("diagnostics") or {}
+    return {"family": family, "preset": preset, "seed": seed, "miou": s["miou"],
+            "foreground": diag.get("foreground_fraction"), "alarm": diag.get("alarm")}
 
 
 def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: list[str]) -> dict:
@@ -79,21 +93,17 @@ def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: lis
                       "--out", str(train_masks), log=stage1 / "cell.log")
             if not (run / "last.pt").exists():
                 run.mkdir(parents=True, exist_ok=True)
-                opts = [f"data.root={root}", "train.val_every=0", f"train.seed={seed}", *extra]
-                _wsss("segment", "demo/segment", "--pseudo", str(train_masks), *[a for o in opts for a in ("-o", o)],
+                _wsss("segment", "demo/segment", "--pseudo", str(train_masks), *_options(root, seed, extra),
                       "--out", str(run), log=run / "cell.log")
             code = ("import sys; from wsss.segment.predict import predict_dataset; "
                     "predict_dataset(sys.argv[1], sys.argv[2], 'val', sys.argv[3], progress=False)")
             subprocess.run([sys.executable, "-c", code, str(run), str(root), str(run / "pseudo")], check=True,
-                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                           env=_env())
         else:
             _train(preset, root, seed, run, extra)
             _wsss("pseudo-label", str(run), "--data", str(root), "--split", "val", "--out", str(run / "pseudo"),
                   log=run / "cell.log")
-    s = json.loads(summary.read_text())
-    diag = s.get("diagnostics") or {}
-    return {"family": family, "preset": preset, "seed": seed, "miou": s["miou"],
-            "foreground": diag.get("foreground_fraction"), "alarm": diag.get("alarm")}
+    return _row(summary, family, preset, seed)
 
 
 def table(rows: list[dict], families: list[str], presets: list[str]) -> str:
@@ -136,9 +146,7 @@ def main() -> None:
         for f, p, s in todo:
             summary = args.work / f / f"{p}_s{s}" / "pseudo" / "summary.json"
             if summary.exists():
-                d = json.loads(summary.read_text()).get("diagnostics") or {}
-                rows.append({"family": f, "preset": p, "seed": s, "miou": json.loads(summary.read_text())["miou"],
-                             "foreground": d.get("foreground_fraction"), "alarm": d.get("alarm")})
+                rows.append(_row(summary, f, p, s))
     else:
         # stage 2 reuses the tkp_pcl run of its family and seed: those cells go after the rest, so two
         # workers never train the same run

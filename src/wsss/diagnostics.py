@@ -172,7 +172,7 @@ def unrecognised(stats: MaskStats) -> bool:
     if stats.tagged < MIN_SCORED:
         return False
     chance = stats.top_hit_chance
-    return stats.top_hit_rate < chance + RECOGNISED_GAIN * (1 - chance)
+    return not picks_tags(stats.top_hit_rate, chance, RECOGNISED_GAIN)
 
 
 def recognised_summary(summary: dict, gain: float = EXTEND_GAIN) -> bool | None:

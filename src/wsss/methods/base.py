@@ -24,8 +24,9 @@ class Method(nn.Module):
     #: a segmentation net (stage 2), whose plain argmax over all classes is the prediction.
     uses_tags: bool = True
 
-    #: Set by the trainer after each epoch: whether that epoch's batches had their tags picked (its `tag_hit`
-    #: against `tag_chance`, at `recognition_gain`; saved in last.pt): a method may hold a loss back until then (TKP-PCL's `pce.after_recognition`).
+    #: Set by the trainer after each epoch: whether that epoch's batches had their tags picked (its
+    #: `tag_hit` against `tag_chance`, at `recognition_gain`; saved in last.pt). A method may hold a loss
+    #: back until then (TKP-PCL's `pce.after_recognition`).
     recognised: bool = False
 
     @property

@@ -77,7 +77,7 @@ class PCEConfig:
     # > 0: PCE acts only in epochs after one whose `tag_hit` (the trainer's per-epoch figure: the batches'
     # top class is a tag) is at least this far from `tag_chance` to 1 (0.5 is the collapse alarm's bar,
     # wsss.diagnostics.RECOGNISED_GAIN), and stops again when it falls below. PCE pulls together the
-    # classifier itself is confident about; before it tells the classes apart that groups the wrong
+    # patches the classifier itself is confident about; before it tells the classes apart that groups the wrong
     # patches and holds recognition back (held-out ten-digit F1: MCE 0.29 after 18 epochs with PCE from
     # epoch 2 against 0.11 without; benchmarks/RESULTS.md, "Transfer"). 0: off (the paper's schedule).
     after_recognition: float = 0.0
