@@ -330,9 +330,70 @@ def train(cfg, out_dir, resume: bool = False, progress: bool = True, train_datas
         D.cleanup(info)
 
 
-def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train_dataset=None) -> dict:
+def _write_run_header(cfg, out: Path, info: D.DistInfo, class_names: list[str], split_problems: list[str]) -> None:
+    """What a run folder holds before its first epoch: config.yaml, env.json, classes.json, skipped.txt."""
     from wsss.config import save_config
+    from wsss.provenance import write_env
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    write_env(out, info.world_size)
+    atomic_write_json(out / "classes.json", class_names)
+    _record_skipped(out / "skipped.txt", [" ".join(p.split()) for p in split_problems])  # data.skip_bad only
+
+
+def _make_loader(cfg, train_raw, target: str, info: D.DistInfo):
+    """The training data. The sampler's order depends on (seed, epoch) only and the generator seeds the
+    workers; with per-sample augmentation seeds, the global batch of a step is the same images, augmented
+    alike, whatever the number of processes or loader workers."""
     from wsss.data.transforms import TrainTransform, TransformedDataset
+
+    t = cfg.train
+    if cfg.data.augment == "timm" and target == "mask":
+        raise ConfigError("data.augment: timm moves pixels without their mask: it cannot train on pseudo masks "
+                          "(stage 2); use data.augment: crop")
+    dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad, seed=t.seed)
+    per_batch = max(1, t.batch_size // info.world_size)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                  shuffle=True, seed=t.seed)
+    loader_gen = torch.Generator().manual_seed(t.seed + 7919 * (info.rank + 1))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_batch, sampler=sampler, num_workers=resolve_workers(cfg.data.num_workers),
+        drop_last=len(sampler) >= per_batch, pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
+        generator=loader_gen,
+        persistent_workers=False,  # fresh workers each epoch, seeded from the saved generator: exact resume
+    )
+    return dataset, sampler, loader, loader_gen
+
+
+def _load_last(last_path: Path, method, opt, sched, base_lrs: list[float], scaler, cycles: list[int],
+               loader_gen: torch.Generator, info: D.DistInfo) -> tuple[int, int, float | None, float | None]:
+    """Restore everything last.pt holds, in place; returns (epoch, global step, best mIoU, last mIoU)."""
+    state = load_checkpoint(last_path)
+    method.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    base_lrs[:] = sched.base_lrs  # phase 2's bases when the run resumes after the unfreeze
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    cycles[0] = state.get("cycles", 0)
+    method.recognised = bool(state.get("recognised", False))
+    rngs = state["rng"]
+    set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], loader_gen)
+    return state["epoch"], state["global_step"], state.get("best_miou"), state.get("miou")
+
+
+def _tensorboard_epoch(tb, record: dict, epoch: int) -> None:
+    if tb is None:
+        return
+    for k in ("miou", "img_s", "seconds", "val_seconds"):
+        if isinstance(record.get(k), (int, float)):
+            tb.add_scalar(f"epoch/{k}", record[k], epoch)
+    tensorboard_scalars(tb, record.get("masks") or {}, epoch)
+    tb.flush()
+
+
+def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train_dataset=None) -> dict:
     from wsss.methods import create_method
 
     t_start = time.time()
@@ -360,14 +421,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     if t.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        from wsss.provenance import write_env
-
-        write_env(out, info.world_size)
-        atomic_write_json(out / "classes.json", class_names)
-        split_problems = [*getattr(train_raw, "problems", []), *getattr(val_raw, "problems", [])]
-        _record_skipped(skipped_path, [" ".join(p.split()) for p in split_problems])  # data.skip_bad only
+        _write_run_header(cfg, out, info, class_names, [*getattr(train_raw, "problems", []),
+                                                        *getattr(val_raw, "problems", [])])
 
     head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
     if t.freeze_bn and t.freeze_bn_affine:
@@ -379,23 +434,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                                 {"params": bb_live, "lr": t.lr * t.backbone_lr_mult}])
     trainable = head + bb_live
 
-    # Data: the sampler's order depends on (seed, epoch) only; the generator seeds the workers.
-    # Per-sample augmentation seeds + DistributedSampler's (seed, epoch) order: the global batch of a
-    # step is the same images, augmented alike, whatever the number of processes or loader workers.
-    if cfg.data.augment == "timm" and getattr(method, "target", "label") == "mask":
-        raise ConfigError("data.augment: timm moves pixels without their mask: it cannot train on pseudo masks "
-                          "(stage 2); use data.augment: crop")
-    dataset = TransformedDataset(train_raw, TrainTransform(cfg.data), skip_bad=cfg.data.skip_bad, seed=t.seed)
-    per_batch = max(1, t.batch_size // info.world_size)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                  shuffle=True, seed=t.seed)
-    loader_gen = torch.Generator().manual_seed(t.seed + 7919 * (info.rank + 1))
-    workers = resolve_workers(cfg.data.num_workers)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_batch, sampler=sampler, num_workers=workers, drop_last=len(sampler) >= per_batch,
-        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init, generator=loader_gen,
-        persistent_workers=False,  # fresh workers each epoch, seeded from the saved generator: exact resume
-    )
+    dataset, sampler, loader, loader_gen = _make_loader(cfg, train_raw, getattr(method, "target", "label"), info)
     steps = len(loader) if t.max_steps_per_epoch <= 0 else min(len(loader), t.max_steps_per_epoch)
     total, warm = t.epochs * steps, int(round(t.warmup_epochs * steps))
     cycles = [0]  # 1 once the extra schedule of train.extend_unrecognised has begun
@@ -403,22 +442,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     amp_dtype, use_scaler = _amp(t.amp, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
 
-    start_epoch, step, best = 0, 0, None
-    last_miou = None
+    start_epoch, step, best, last_miou = 0, 0, None, None
     if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        method.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        base_lrs[:] = sched.base_lrs  # phase 2's bases when the run resumes after the unfreeze
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        cycles[0] = state.get("cycles", 0)
-        method.recognised = bool(state.get("recognised", False))
-        start_epoch, step, best = state["epoch"], state["global_step"], state.get("best_miou")
-        last_miou = state.get("miou")
-        rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], loader_gen)
+        start_epoch, step, best, last_miou = _load_last(last_path, method, opt, sched, base_lrs, scaler, cycles,
+                                                        loader_gen, info)
         if main:
             _truncate_log(log_path, start_epoch)
             print(f"resumed {out} at epoch {start_epoch}/{t.epochs}", file=sys.stderr)
@@ -475,12 +502,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         if main:
             _record_skipped(skipped_path, list(skipped))
             _append_log(log_path, record)  # before last.pt: a kill between them is undone by _truncate_log
-            if tb is not None:
-                for k in ("miou", "img_s", "seconds", "val_seconds"):
-                    if isinstance(record.get(k), (int, float)):
-                        tb.add_scalar(f"epoch/{k}", record[k], epoch + 1)
-                tensorboard_scalars(tb, record.get("masks") or {}, epoch + 1)
-                tb.flush()
+            _tensorboard_epoch(tb, record, epoch + 1)
             save_checkpoint(last_path, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": step, "best_miou": best,
