@@ -148,6 +148,17 @@ def test_usage_cnn_premise_rows_and_table(bench, tmp_path, capsys):
     assert "| e1 | small_os8 | tuning | method.tau=-4.0 method.tau_mode=scaled |" in capsys.readouterr().out
 
 
+def test_usage_cnn_premise_e0_setting_families(bench, monkeypatch, capsys):
+    # a setting that names its own family (large objects) is judged there; the others on --family
+    mod = bench("usage_cnn_premise")
+    seen = []
+    monkeypatch.setattr(mod, "run_row", lambda exp, setting, fam, *a, **k: seen.append((exp, setting, fam)) or {})
+    mod.main(["e0", "--settings", "large_os8", "small_os8"])
+    assert seen == [("e0", "large_os8", "tuning_large"), ("e0", "small_os8", "tuning")]
+    assert "--object-scale" in mod.FAMILIES["tuning_large"] and "large_os8" in mod.SETTINGS
+    capsys.readouterr()
+
+
 def test_family_table_cells_and_markdown(bench, tmp_path, monkeypatch):
     """The grid runner: a scored cell is read back, not redone (resumable), and the table gives mean +- sd
     over seeds with each seed's value and the predicted foreground range."""

@@ -117,6 +117,16 @@ def test_size_scale_and_object_count(tmp_path):
         assert 0 < fg.mean() < 0.05  # four small digits on a large image
 
 
+def test_objects_larger_than_the_texture_photos(tmp_path):
+    # the upper end of object_scale (0.9 of a 384 px side) on the embedded objects, whose textures are
+    # smaller than that: they are tiled, not a crash
+    s = make_demo(tmp_path / "large", seed=0, num_train=4, num_val=1, size=384, object_scale=(0.85, 0.9), objects=1)
+    assert s["objects_per_image"] == {1: 5}
+    for iid in (tmp_path / "large/ImageSets/Segmentation/train.txt").read_text().split():
+        mask = read_mask(tmp_path / "large/SegmentationClass" / f"{iid}.png")
+        assert ((mask > 0) & (mask < 255)).mean() > 0.1  # one object, most of the image
+
+
 def test_options_change_the_images_and_same_seed_same_bytes(tmp_path):
     kw = dict(seed=0, num_train=6, num_val=2, size=160, variant="hard")
     make_demo(tmp_path / "a", **kw)

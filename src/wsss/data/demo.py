@@ -171,6 +171,8 @@ def _sources() -> dict:
 
 def _texture(rng: np.random.Generator, textures: list, h: int, w: int) -> np.ndarray:
     t = textures[rng.integers(len(textures))]
+    if t.shape[0] < h or t.shape[1] < w:  # an object larger than the texture photo (object scale ~0.9)
+        t = np.tile(t, (-(-h // t.shape[0]), -(-w // t.shape[1])) + (1,) * (t.ndim - 2))
     y, x = rng.integers(0, t.shape[0] - h + 1), rng.integers(0, t.shape[1] - w + 1)
     t = t[y : y + h, x : x + w]
     return (t - t.mean()) / (t.std() + 1e-6)
@@ -438,11 +440,13 @@ def _render_family(rng: np.random.Generator, split: str, h: int, w: int, opts: d
         placed = None
         for _shrink in range(4):  # no room (or no room apart): redraw the object 15% smaller, 4 times at most
             rgb, a = render(size)
-            if a.shape[0] > h or a.shape[1] > w:  # rotated, the box grew: shrink it to fit
+            for _fit in range(4):  # rotated, the box grew: shrink it to fit (each redraw turns it anew)
+                if a.shape[0] <= h and a.shape[1] <= w:
+                    break
                 size = max(8, int(size * min(h / a.shape[0], w / a.shape[1]) * 0.98))
                 rgb, a = render(size)
-                if a.shape[0] > h or a.shape[1] > w:
-                    break
+            if a.shape[0] > h or a.shape[1] > w:
+                break
             placed = _place(rng, inst, areas, a, opts["overlap"])
             if placed is not None:
                 break
