@@ -39,6 +39,10 @@ FAMILIES = {
            "--objects", "1-4", "--no-overlap", "--clutter", "6"],
     "F5": ["--source", "mnist", "--size", "224-256", "--object-scale", "0.35-0.6", "--objects", "1-2",
            "--no-overlap"],
+    # added 2026-12-03 (third session) as a fresh held-out member, defined before any run on it: mid-size
+    # images, more objects overlapping, some clutter, other draws (seed 2)
+    "F6": ["--seed", "2", "--num-train", "400", "--num-val", "150", "--size", "256-320", "--object-scale", "0.2-0.4",
+           "--objects", "2-5", "--clutter", "3"],
 }
 PRESETS = ["vit_pcm", "tkp", "tkp_pcl", "cam_cnn", "usage_cnn", "cam_vit", "usage_vit", "segment"]
 
@@ -56,7 +60,7 @@ def make_family(name: str, data: Path) -> Path:
     root = data / name
     if not (root / "class_names.txt").exists():
         subprocess.run([sys.executable, "-m", "wsss", "data", "make-demo", "--out", str(root), "--seed", "0",
-                        *FAMILIES[name]], check=True, stdout=subprocess.DEVNULL)
+                        *FAMILIES[name]], check=True, stdout=subprocess.DEVNULL)  # a later --seed wins
     return root
 
 

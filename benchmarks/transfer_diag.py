@@ -1,6 +1,7 @@
 """Issue 21 diagnosis: a run's val pseudo masks under several inference settings (GT tags, no CRF), with the raw
 per-patch softmax of the background and of the tagged class on GT background vs GT object pixels.
-usage: python benchmarks/transfer_diag.py RUN DATA [N] [size:scales[:normalise] ...], e.g. 0:1.5,2 or 128:1 ."""
+usage: python benchmarks/transfer_diag.py RUN DATA [N] [size:scales[:normalise[:absent]] ...], e.g. 0:1.5,2 or 128:1
+or 0:1.5,2:full:background (infer.absent)."""
 # ruff: noqa: E401, E702, E501, I001  (a terse diagnostic script)
 import sys, numpy as np, torch
 from wsss.engine.inference import load_run, seed_probs, seed_mask, eval_transform
@@ -16,6 +17,7 @@ for st in settings:
     size, scales, *norm = st.split(":")
     cfg.infer.size = int(size); cfg.infer.scales = [float(s) for s in scales.split(",")]
     cfg.infer.normalise = norm[0] if norm else "full"
+    cfg.infer.absent = norm[1] if len(norm) > 1 else "drop"
     cmraw = ConfusionMatrix(ds.num_classes)
     tf = eval_transform(cfg)
     cm = ConfusionMatrix(ds.num_classes)
@@ -43,6 +45,6 @@ for st in settings:
         zc_bg.append(max(z[c][gt == 0].mean() for c in s.tags)); zc_fg.append(np.mean([z[c][gt == c].mean() for c in s.tags if (gt == c).any()]))
         bgn = probs[0].numpy(); rows.append(np.unravel_index(bgn.argmax(), bgn.shape)[0] / bgn.shape[0])
     r = cm.compute()
-    print(f"{run} size={size} scales={scales}: mIoU {r['miou']:.3f}  pred fg {fgp/tot:.2f} gt fg {fgg/tot:.2f}  "
+    print(f"{run} size={size} scales={scales} {cfg.infer.normalise} absent={cfg.infer.absent}: mIoU {r['miou']:.3f}  pred fg {fgp/tot:.2f} gt fg {fgg/tot:.2f}  "
           f"rawZ0 on gt-bg {np.mean(z0_bg):.2f} on gt-fg {np.mean(z0_fg):.2f}  rawZ(tag) on gt-bg {np.mean(zc_bg):.2f} on its own gt pixels {np.nanmean(zc_fg):.2f}  "
           f"bg-max row (0=top) median {np.median(rows):.2f}  bg IoU {r['iou'][0]:.2f}  raw-argmax mIoU {cmraw.compute()['miou']:.3f}", flush=True)

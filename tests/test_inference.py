@@ -61,6 +61,46 @@ def test_restricted_to_tags_and_max_normalised():
         assert p[c].max() == pytest.approx(1.0, abs=1e-4) and p[c].min() >= 0
 
 
+def test_absent_classes_mass_goes_to_the_background():
+    # infer.absent=background (or won): the background channel gains the probability of the classes the tags rule
+    # out, then is max-normalised as before; the tags' channels are untouched; no background channel: no-op
+    m = _method()
+    x = _image()
+    cfg = InferConfig(scales=[1.0])
+    with torch.no_grad():
+        z = m.class_maps(x[None])[0]
+    out = tuple(z.shape[-2:])  # the grid's own size: the upsampling is the identity
+    drop = class_probabilities(m, x, [2], cfg, out)
+    moved = class_probabilities(m, x, [2], InferConfig(scales=[1.0], absent="background"), out)
+    bg = z[0] + z[1] + z[3]
+    assert torch.allclose(moved[0], bg / (bg.max() + 1e-5), atol=1e-5)
+    assert torch.allclose(drop[0], z[0] / (z[0].max() + 1e-5), atol=1e-5)
+    assert torch.equal(moved[2], drop[2]) and torch.all(moved[[1, 3]] == 0)
+    # patches [bg, absent, tag]: background; an absent class on top (the tag won it before); the tag; the
+    # tag on top with much absent mass. `background` moves every absent mass, `won` only where it is on top
+    fixed = torch.tensor([[0.9, 0.0, 0.1], [0.1, 0.6, 0.3], [0.05, 0.0, 0.95], [0.3, 0.3, 0.4]]).T.reshape(3, 1, 4)
+
+    class Fixed(torch.nn.Module):
+        has_background, uses_tags, num_classes = True, True, 3
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def class_maps(self, images):
+            return fixed[None]
+
+    stub, one = Fixed(), torch.zeros(3, 1, 4)
+    for mode, want in (("drop", [0, 2, 2, 2]), ("background", [0, 0, 2, 0]), ("won", [0, 0, 2, 2])):
+        got = class_probabilities(stub, one, [2], InferConfig(scales=[1.0], absent=mode), (1, 4)).argmax(0)
+        assert got.tolist() == [want], mode
+    cam = _method(has_background=False)
+    a = class_probabilities(cam, x, [1], InferConfig(bg_threshold=0.3, absent="background"), (40, 52))
+    assert torch.equal(a, class_probabilities(cam, x, [1], InferConfig(bg_threshold=0.3), (40, 52)))
+    with pytest.raises(ConfigError, match="infer.absent"):
+        class_probabilities(m, x, [2], InferConfig(absent="spread"), out)
+
+
 def test_background_threshold_and_alpha():
     m = _method(has_background=False)
     x = _image()

@@ -227,6 +227,9 @@ def pseudo_label(
     bg_threshold: Annotated[
         float | None, typer.Option(help="Background score for methods without a background class (CAM).")
     ] = None,
+    absent: Annotated[str | None, typer.Option(
+        help="drop | background | won: where a background-channel method's ruled-out classes' probability goes "
+             "(infer.absent; default: the run's config).")] = None,
     save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npz).")] = False,
     sweep_threshold: Annotated[
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")
@@ -251,6 +254,7 @@ def pseudo_label(
         scales=[float(s) for s in scales.split(",")] if scales else None,
         flip=flip,
         bg_threshold=bg_threshold,
+        absent=absent,
         save_maps=save_maps,
         sweep_thresholds=sweep,
         device=device,

@@ -159,6 +159,14 @@ class InferConfig:
     # image) | grid (ViT-PCM: at the feature grid, each pass's kept classes divided by their max, then
     # by their sum over classes, then upsampled and averaged)
     normalise: str = "full"
+    # Methods with a background channel (patch classification): where the probability of the classes the
+    # image's tags rule out goes. drop: discarded with their channels (ViT-PCM's restriction); background:
+    # added to the background everywhere; won: added to the background at the patches where a ruled-out
+    # class is the top class (the model calls the patch a class that, by the tags, is not there: clutter,
+    # distractors). On large images with small objects and distractors the background channel holds under
+    # half the mass on true background and the absent classes much of the rest (benchmarks/RESULTS.md,
+    # "Transfer"); `background` also takes the absent mass on the objects themselves (recall falls).
+    absent: str = "drop"
     bg_threshold: float = 0.3  # methods without a background class: background score
     bg_alpha: float = 0.0  # > 0: background = (1 - max_c A_c) ** alpha instead of the threshold
     crf: CRFConfig = field(default_factory=CRFConfig)

@@ -117,6 +117,8 @@ def protocol(
     `threshold_source`: how the background threshold was chosen ("" = "fixed", the config's value)."""
     if has_background:
         thr, chosen = None, "the method's background channel"
+        if getattr(infer_cfg, "absent", "drop") == "background":
+            chosen += " + the classes the tags rule out"
     elif getattr(infer_cfg, "bg_alpha", 0) > 0:
         thr, chosen = None, f"(1 - max_c)^{infer_cfg.bg_alpha:g}"
     else:

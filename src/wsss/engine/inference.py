@@ -26,6 +26,7 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import load_checkpoint
 
 EPS = 1e-5
+ABSENT_MODES = ("drop", "background", "won")  # InferConfig.absent
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -119,6 +120,10 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     if grid not in ("full", "grid"):
         raise ConfigError(f"infer.normalise: unknown mode {grid!r} (full, grid)")
     grid = grid == "grid" and not plain
+    absent = getattr(infer_cfg, "absent", "drop")
+    if absent not in ABSENT_MODES:
+        raise ConfigError(f"infer.absent: unknown mode {absent!r} ({', '.join(ABSENT_MODES)})")
+    absent = absent if method.has_background and not plain else "drop"
     device = next(method.parameters()).device
     image = image.to(device, torch.float32)
     h, w = image.shape[-2:]
@@ -143,7 +148,14 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     acc = None
     n = 0
     for maps in passes:
-        maps = maps[:, idx]
+        kept = maps[:, idx]
+        if absent != "drop":  # the ruled-out classes' mass joins the background (see InferConfig.absent)
+            moved = (maps.sum(dim=1) - kept.sum(dim=1)).clamp_min(0)
+            if absent == "won":  # only where a ruled-out class is the patch's top class
+                top = maps.argmax(dim=1, keepdim=True)
+                moved = moved * ~(top == idx.view(1, -1, 1, 1)).any(dim=1)
+            kept[:, 0] += moved
+        maps = kept
         if grid:  # ViT-PCM: kept classes / their max, / their sum over classes, at the grid (each view)
             maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + EPS)
             if method.has_background:

@@ -127,6 +127,7 @@ def pseudo_label(
     scales: list[float] | None = None,
     flip: bool | None = None,
     bg_threshold: float | None = None,
+    absent: str | None = None,
     save_maps: bool = False,
     sweep_thresholds: list[float] | None = None,
     device: str = "auto",
@@ -166,6 +167,8 @@ def pseudo_label(
         cfg.infer.flip = bool(flip)
     if bg_threshold is not None:
         cfg.infer.bg_threshold = float(bg_threshold)
+    if absent is not None:
+        cfg.infer.absent = absent
     same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
     fmt = data_format or (cfg.data.format if same_root else "auto")
     ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "", strict=not skip_bad)
@@ -196,6 +199,7 @@ def pseudo_label(
             # only when not the default, so folders written before these keys existed still resume
             **({"resize": cfg.infer.resize} if cfg.infer.resize != "short" else {}),
             **({"normalise": cfg.infer.normalise} if cfg.infer.normalise != "full" else {}),
+            **({"absent": cfg.infer.absent} if cfg.infer.absent != "drop" else {}),
         })
         for i, id_ in enumerate(ds.ids):
             if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
