@@ -82,11 +82,15 @@ def _row(summary: Path, family: str, preset: str, seed: int) -> dict:
             "foreground": diag.get("foreground_fraction"), "alarm": diag.get("alarm")}
 
 
-def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: list[str]) -> dict:
-    """One (family, preset, seed): trains and scores it unless its summary exists; returns its figures."""
+def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: list[str],
+         absent: str | None = None) -> dict:
+    """One (family, preset, seed): trains and scores it unless its summary exists; returns its figures.
+    `absent`: score the val masks with `wsss pseudo-label --absent MODE` into RUN/pseudo_MODE (the same
+    trained run: a paired comparison of inference settings)."""
     root = make_family(family, data)
     run = work / family / f"{preset}_s{seed}"
-    summary = run / "pseudo" / "summary.json"
+    absent = None if preset == "segment" else absent  # stage 2 predicts every class: nothing is ruled out
+    summary = run / ("pseudo" if absent is None else f"pseudo_{absent}") / "summary.json"
     if not summary.exists():
         if preset == "segment":
             stage1 = work / family / f"tkp_pcl_s{seed}"
@@ -105,8 +109,8 @@ def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: lis
                            env=_env())
         else:
             _train(preset, root, seed, run, extra)
-            _wsss("pseudo-label", str(run), "--data", str(root), "--split", "val", "--out", str(run / "pseudo"),
-                  log=run / "cell.log")
+            _wsss("pseudo-label", str(run), "--data", str(root), "--split", "val", "--out", str(summary.parent),
+                  *([] if absent is None else ["--absent", absent]), log=run / "cell.log")
     return _row(summary, family, preset, seed)
 
 
@@ -140,6 +144,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="cells at once (each at OMP_NUM_THREADS, default 1)")
     ap.add_argument("--read-only", action="store_true", help="only tabulate the cells already scored")
     ap.add_argument("-o", "--override", action="append", default=[], help="key=value for every cell (an ablation)")
+    ap.add_argument("--absent", choices=["drop", "background", "won"],
+                    help="score with `pseudo-label --absent MODE` (RUN/pseudo_MODE), the trained runs reused")
     args = ap.parse_args()
     for f in args.families:  # built once, before the workers race for them
         if not args.read_only:
@@ -148,7 +154,7 @@ def main() -> None:
     rows = []
     if args.read_only:
         for f, p, s in todo:
-            summary = args.work / f / f"{p}_s{s}" / "pseudo" / "summary.json"
+            summary = args.work / f / f"{p}_s{s}" / ("pseudo" if args.absent is None else f"pseudo_{args.absent}") / "summary.json"
             if summary.exists():
                 rows.append(_row(summary, f, p, s))
     else:
@@ -156,7 +162,8 @@ def main() -> None:
         # workers never train the same run
         for wave in ([c for c in todo if c[1] != "segment"], [c for c in todo if c[1] == "segment"]):
             with ThreadPoolExecutor(args.jobs) as pool:
-                futures = [pool.submit(cell, f, p, s, args.data, args.work, args.override) for f, p, s in wave]
+                futures = [pool.submit(cell, f, p, s, args.data, args.work, args.override, args.absent)
+                           for f, p, s in wave]
                 for fut in futures:
                     try:
                         r = fut.result()

@@ -174,3 +174,26 @@ def test_family_table_cells_and_markdown(bench, tmp_path, monkeypatch):
     text = ft.table(rows, ["F0", "F3"], ["tkp", "vit_pcm"])
     assert "| `demo/tkp` | not run | **0.600** +- 0.141 (n=2: 0.500, 0.700; fg 20%-30%) |" in text
     assert "| `demo/vit_pcm` | not run | not run |" in text and "F0 (tuning)" in text and "F3 (held out)" in text
+
+
+
+def test_family_table_absent_mode_rescores_the_trained_run(bench, tmp_path, monkeypatch):
+    """--absent MODE: the trained run is reused (no training call) and scored into RUN/pseudo_MODE with
+    `pseudo-label --absent MODE`; stage 2 (segment) ignores it."""
+    ft = bench("family_table")
+    run = tmp_path / "work" / "F4" / "tkp_pcl_s0"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"")
+    calls = []
+
+    def fake_wsss(*args, log):
+        calls.append(args)
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"miou": 0.4, "diagnostics": {"foreground_fraction": 0.1}}))
+
+    monkeypatch.setattr(ft, "make_family", lambda name, data: tmp_path / name)
+    monkeypatch.setattr(ft, "_wsss", fake_wsss)
+    row = ft.cell("F4", "tkp_pcl", 0, tmp_path, tmp_path / "work", [], absent="won")
+    assert row["miou"] == 0.4 and (run / "pseudo_won" / "summary.json").is_file()
+    assert len(calls) == 1 and calls[0][0] == "pseudo-label" and calls[0][-2:] == ("--absent", "won")
