@@ -82,6 +82,11 @@ def _row(summary: Path, family: str, preset: str, seed: int) -> dict:
             "foreground": diag.get("foreground_fraction"), "alarm": diag.get("alarm")}
 
 
+def _summary(run: Path, absent: str | None) -> Path:
+    """Where a cell's val score lives: RUN/pseudo (the preset as it ships) or RUN/pseudo_MODE (--absent)."""
+    return run / ("pseudo" if absent is None else f"pseudo_{absent}") / "summary.json"
+
+
 def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: list[str],
          absent: str | None = None) -> dict:
     """One (family, preset, seed): trains and scores it unless its summary exists; returns its figures.
@@ -90,7 +95,7 @@ def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: lis
     root = make_family(family, data)
     run = work / family / f"{preset}_s{seed}"
     absent = None if preset == "segment" else absent  # stage 2 predicts every class: nothing is ruled out
-    summary = run / ("pseudo" if absent is None else f"pseudo_{absent}") / "summary.json"
+    summary = _summary(run, absent)
     if not summary.exists():
         if preset == "segment":
             stage1 = work / family / f"tkp_pcl_s{seed}"
@@ -154,7 +159,7 @@ def main() -> None:
     rows = []
     if args.read_only:
         for f, p, s in todo:
-            summary = args.work / f / f"{p}_s{s}" / ("pseudo" if args.absent is None else f"pseudo_{args.absent}") / "summary.json"
+            summary = _summary(args.work / f / f"{p}_s{s}", args.absent)
             if summary.exists():
                 rows.append(_row(summary, f, p, s))
     else:

@@ -50,14 +50,14 @@ FAMILIES = {
 # E0 candidates: CNN CAM settings expected to under-activate (objects small against the receptive field,
 # maps read at the training resolution, single scale, a finer output stride). Plain CAM, L_GEN alone.
 BASE = ["method.reg.weight=0", "infer.flip=false"]
+STRIDE8_SINGLE_SCALE = ["model.backbone.output_stride=8", "infer.scales=[1.0]", "data.crop_size=320",
+                        "data.scale_range=[0.9,1.1]"]
 SETTINGS = {
     "preset": [],  # demo/cam_cnn as shipped (the over-activating reference)
     "single_scale": ["infer.scales=[1.0]"],
-    "small_os8": ["model.backbone.output_stride=8", "infer.scales=[1.0]", "data.crop_size=320",
-                  "data.scale_range=[0.9,1.1]"],
+    "small_os8": STRIDE8_SINGLE_SCALE,
     "small_os16": ["data.crop_size=320", "data.scale_range=[0.9,1.1]", "infer.scales=[1.0]"],
-    "large_os8": ["model.backbone.output_stride=8", "infer.scales=[1.0]", "data.crop_size=320",
-                  "data.scale_range=[0.9,1.1]"],
+    "large_os8": STRIDE8_SINGLE_SCALE,  # the same setting, on large objects (SETTING_FAMILY)
 }
 SETTING_FAMILY = {"large_os8": "tuning_large"}  # E0 settings judged on a family of their own
 TAUS = [-64.0, -16.0, -4.0, -1.0, math.inf, 16.0, 4.0, 1.0]
