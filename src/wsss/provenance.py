@@ -117,8 +117,9 @@ def protocol(
     `threshold_source`: how the background threshold was chosen ("" = "fixed", the config's value)."""
     if has_background:
         thr, chosen = None, "the method's background channel"
-        if getattr(infer_cfg, "absent", "drop") == "background":
-            chosen += " + the classes the tags rule out"
+        absent = getattr(infer_cfg, "absent", "drop")
+        if absent != "drop":  # InferConfig.absent: the ruled-out classes' probability joins it
+            chosen += " + the classes the tags rule out" + (" where they top a patch" if absent == "won" else "")
     elif getattr(infer_cfg, "bg_alpha", 0) > 0:
         thr, chosen = None, f"(1 - max_c)^{infer_cfg.bg_alpha:g}"
     else:
