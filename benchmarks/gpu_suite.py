@@ -491,16 +491,19 @@ def part_loader(ctx: Ctx, emit: Emitter) -> dict:
     preset, size, batch, _ = TRAIN_CASES["tkp_pcl"]
     s, b = _size_batch(ctx, size, batch)
     cfg = load_config(preset, ["model.backbone.pretrained=false", f"data.crop_size={s}"])  # the data part only
-    n_img = 8 if ctx.tiny else 64
+    n_files = 8 if ctx.tiny else 64
+    # Many batches an epoch (the files cycled): with one batch an epoch, as in the first GPU run, a single
+    # worker builds it and the worker count cannot show (25-27 img/s at 0, 4 and 8 workers).
+    n_img = n_files * (2 if ctx.tiny else 8)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_suite_loader_"))
     rng = np.random.default_rng(0)
-    for i in range(n_img):
+    for i in range(n_files):
         Image.fromarray(rng.integers(0, 255, (*VOC_IMAGE, 3), dtype=np.uint8)).save(tmp / f"{i:04d}.jpg", quality=90)
 
     class Files(SegmentationDataset):
         root, split, has_masks = str(tmp), "train", False
         class_names = [f"c{i}" for i in range(21)]
-        ids = [f"{i:04d}" for i in range(n_img)]
+        ids = [f"{i % n_files:04d}" for i in range(n_img)]
 
         def image_path(self, i):
             return str(tmp / f"{self.ids[i]}.jpg")
@@ -516,12 +519,10 @@ def part_loader(ctx: Ctx, emit: Emitter) -> dict:
     for w in [0] if ctx.tiny else sorted({0, trainer_workers, 8}):
         loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=w, shuffle=False,
                                              pin_memory=ctx.cuda, drop_last=True)
-        epochs = 1 if ctx.tiny else 3
         t0 = time.perf_counter()
         seen = 0
-        for _ in range(epochs):
-            for batch_ in loader:
-                seen += batch_["image"].shape[0]
+        for batch_ in loader:
+            seen += batch_["image"].shape[0]
         secs = time.perf_counter() - t0
         emit(table="loader", case=preset, variant=f"{w} workers", batch=b, resolution=s, precision="-",
              images=seen, seconds=secs, img_s=seen / secs, workers=w, trainer_default=w == trainer_workers)
@@ -540,11 +541,14 @@ def part_pseudo_label(ctx: Ctx, emit: Emitter) -> dict:
 
     n_images = 1 if ctx.tiny else 6
     for preset in PSEUDO_PRESETS:
-        tiny = [*TINY_OVERRIDES.get(preset, []), "infer.size=64"] if ctx.tiny else []
-        cfg = load_config(preset, ["model.backbone.pretrained=false", "model.backbone.weights=", *tiny])
-        short = cfg.infer.size or cfg.data.crop_size
-        h, w = short, round(short * VOC_IMAGE[1] / VOC_IMAGE[0])
+        base = ["model.backbone.pretrained=false", "model.backbone.weights="]
+        cfg = load_config(preset, base)
+        native = cfg.infer.size < 0  # -1: the image as it is (the USAGE presets), at every scale
+        tiny = [*TINY_OVERRIDES.get(preset, []), *([] if native else ["infer.size=64"])] if ctx.tiny else []
+        cfg = load_config(preset, [*base, *tiny])
         out_size = (48, 64) if ctx.tiny else VOC_IMAGE
+        short = cfg.infer.size or cfg.data.crop_size
+        h, w = out_size if native else (short, round(short * VOC_IMAGE[1] / VOC_IMAGE[0]))
         precisions = ["fp32", "bf16"] if ctx.cuda else ["fp32"]
         for prec in precisions:
             rss = _reset_mem(ctx)

@@ -197,3 +197,32 @@ def test_family_table_absent_mode_rescores_the_trained_run(bench, tmp_path, monk
     row = ft.cell("F4", "tkp_pcl", 0, tmp_path, tmp_path / "work", [], absent="won")
     assert row["miou"] == 0.4 and (run / "pseudo_won" / "summary.json").is_file()
     assert len(calls) == 1 and calls[0][0] == "pseudo-label" and calls[0][-2:] == ("--absent", "won")
+
+
+def test_false_positive_where_puts_each_pixel_in_its_place(bench, tmp_path):
+    """A 100 x 100 image, one object of class 1 and one of class 2: false positives of class 1 drawn (a) as
+    a rim around its own object, (b) touching the class-2 object, (c) in a far corner are counted there."""
+    import numpy as np
+    from PIL import Image
+
+    fpw = bench("false_positive_where")
+    gt = np.zeros((100, 100), np.uint8)
+    gt[20:40, 20:40] = 1
+    gt[20:40, 60:80] = 2
+    gt[0, :] = 255  # ignored row: never counted
+    pred = gt.copy()
+    pred[0, :] = 1
+    pred[18:20, 20:40] = 1  # rim of its own object (within 5 px)
+    pred[42:44, 60:80] = 1  # just below the class-2 object, 20 px from its own
+    pred[90:100, 90:100] = 1  # far from both
+    pred[30:40, 30:40] = 0  # a quarter of object 1 missed
+    (tmp_path / "data" / "SegmentationClass").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(gt).save(tmp_path / "data" / "SegmentationClass" / "a.png")
+    Image.fromarray(pred).save(tmp_path / "masks" / "a.png")
+    Image.fromarray(pred).save(tmp_path / "masks" / "b.png")  # no ground truth: skipped
+    t = fpw.tally(tmp_path / "data", tmp_path / "masks")
+    assert t == {"tp": 700, "gt_fg": 800, "near_own": 40, "near_other": 40, "far": 100}
+    Image.fromarray(pred[:50]).save(tmp_path / "masks" / "a.png")
+    with pytest.raises(ValueError, match="a.png"):
+        fpw.tally(tmp_path / "data", tmp_path / "masks")

@@ -19,7 +19,7 @@ def test_bg_k_pools_the_background_over_its_own_share():
     z = torch.zeros(1, 4, 10, 10)
     z[0, 0, :2] = 1.0  # background high on 20 of 100 patches
     z[0, 1, :1] = 1.0
-    plain, wide = _method(), _method(bg_k=0.5)
+    plain, wide = _method(bg_k=0), _method(bg_k=0.5)
     assert plain.pool(z)[0, 0].item() == pytest.approx(1.0)  # top 10%: 20 patches are plenty
     assert wide.pool(z)[0, 0].item() == pytest.approx(0.4)  # top 50%: 20 of 50 high
     assert torch.equal(plain.pool(z)[:, 1:], wide.pool(z)[:, 1:])  # the classes are untouched

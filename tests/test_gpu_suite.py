@@ -76,6 +76,11 @@ def test_dry_run_figures_carry_their_conditions(dry_run):
     assert pseudo == {"voc/vit_pcm_vit_b16", "voc/usage_deit_s", "voc/usage_resnet38d"}
     r38 = next(r for r in rows if r["table"] == "pseudo" and r["case"] == "voc/usage_resnet38d")
     assert r38["scales"] == [0.5, 1.0, 1.5, 2.0] and r38["flip"]  # the preset's multi-scale + flip
+    # infer.size -1 (the USAGE presets: the image as it is) is fed at the image's own size (it crashed the
+    # first GPU run: a -1 x -1 input)
+    assert r38["resolution"] == "x".join(map(str, r38["out_size"]))
+    loader = next(r for r in rows if r["table"] == "loader")
+    assert loader["images"] >= 2 * loader["batch"]  # several batches: the workers can build them in parallel
     tests = [r for r in rows if r["table"] == "test"]
     assert tests and all(r["outcome"] == "skipped" for r in tests)  # no CUDA here
 
@@ -110,3 +115,24 @@ def test_compile_part_dry_run(tmp_path):
     assert rec["status"] == "ok", rec.get("traceback", rec.get("reason"))
     assert {r["kind"] for r in rec["rows"]} == {"method", "backbone"}
     assert all(r["compile"] == "eager" for r in rec["rows"])
+
+
+def test_gpu_numerics_dry_run(tmp_path):
+    """benchmarks/gpu_numerics.py on the CPU's toy ViT: every variant gives the two comparisons, the fp32
+    repeat is exact (the CPU's kernels are deterministic) and the per-group cosines are numbers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WSSS_GPU_TESTS_ON_CPU": "1"}
+    out = tmp_path / "numerics.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_numerics.py"), "--tiny", "--modes",
+                           "compile", "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    from gpu_numerics import VARIANTS
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    for r in rows:
+        assert r["fp32_repeat"]["cosine"] > 0.999999
+        assert 0.999 < r["vs_fp32"]["cosine"] <= 1.0 + 1e-9  # the eager backend on the CPU: the same numbers
+        assert {"backbone", "classifier"} <= set(r["vs_fp32"]["groups"])
+    groups = {r["variant"]: set(r["vs_fp32"]["groups"]) for r in rows}
+    assert "hv_bilstm" in groups["recipe (ET off)"] and "hv_bilstm" not in groups["HV-BiLSTM off"]

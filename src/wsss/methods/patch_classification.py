@@ -44,6 +44,10 @@ POOLINGS = ("max", "topk", "adaptive")
 BACKGROUNDS = ("learned", "bias")
 
 
+# Kept out of torch.compile's graph: its flips and transpose are Python bools, and a graph per combination
+# (per image with et.per_sample) hit dynamo's recompile limit on the GPU. On the CPU (toy ViT, VOC recipe,
+# 16 compiled steps) 33 graphs -> 24 and dynamo's time 40 -> 25 s; the warp itself is cheap in eager.
+@torch.compiler.disable
 def _to_view(x: torch.Tensor, t: GridTransform, size: tuple[int, int]) -> torch.Tensor:
     """[B, C, H, W] images or maps through `t` (box in x's units): crop, resize to `size` (bilinear), then
     h-flip, v-flip, transpose (`warp_maps`' order, with the view's own size)."""
@@ -98,7 +102,9 @@ class PatchClassificationConfig:
     # instead of the classes' pooling. With the same top-K as the classes, "always present" is all that
     # defines the background, and when every image holds objects of one kind (digits) the objects are
     # always present too: the background channel then fires on them (benchmarks/RESULTS.md, "Transfer").
-    # A large bg_k asks the background to win a large share of every image. 0: the classes' pooling.
+    # A large bg_k asks the background to win a large share of every image, so the classes cannot take
+    # background far from any object (held-out cluttered images: most false positives lay there). The demo
+    # patch presets use 0.5 (configs/demo/vit_pcm.yaml says why); 0: the classes' pooling, as in the papers.
     bg_k: float = 0.0
     # How the background's per-patch logit is made. "learned": a classifier row like any class (ViT-PCM).
     # "bias": one learned scalar shared by every patch, so a patch is background when no class is
