@@ -104,8 +104,8 @@ class PatchClassificationConfig:
     # always present too: the background channel then fires on them (benchmarks/RESULTS.md, "Transfer").
     # A large bg_k asks the background to win a large share of every image, so the classes cannot take
     # background far from any object (held-out cluttered images: most false positives lay there), but where
-    # every image is mostly objects of one kind it can take the objects instead (a swap): 0 in every preset
-    # (configs/demo/vit_pcm.yaml has the numbers); 0: the classes' pooling, as in the papers.
+    # every image is mostly objects of one kind it can take the objects instead (a swap). 0 (the classes'
+    # pooling, as in the papers) in every preset; configs/demo/vit_pcm.yaml has the numbers.
     bg_k: float = 0.0
     # How the background's per-patch logit is made. "learned": a classifier row like any class (ViT-PCM).
     # "bias": one learned scalar shared by every patch, so a patch is background when no class is
