@@ -226,3 +226,32 @@ def test_false_positive_where_puts_each_pixel_in_its_place(bench, tmp_path):
     Image.fromarray(pred[:50]).save(tmp_path / "masks" / "a.png")
     with pytest.raises(ValueError, match="a.png"):
         fpw.tally(tmp_path / "data", tmp_path / "masks")
+
+
+def test_extension_pairs_reads_the_deciding_check_and_compares_both_weights(bench, tmp_path, monkeypatch, capsys):
+    """extension_pairs: per extended run, the check of the epoch that extended and the val mIoU of the
+    first schedule's weights beside the final ones; runs that never extended are left out."""
+    ep = bench("extension_pairs")
+    run = tmp_path / "work" / "F4" / "cam_vit_s1"
+    (run / "pseudo").mkdir(parents=True)
+    (run / "first_schedule.pt").write_bytes(b"")
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"epoch": 1}, {"epoch": 2, "extended": True, "masks": {"top_hit_rate": 0.75, "top_hit_chance": 0.25}},
+        {"epoch": 3})) + "\n")
+    (run / "pseudo" / "summary.json").write_text(json.dumps({"miou": 0.2, "diagnostics": {"foreground_fraction": 0.4}}))
+    plain = tmp_path / "work" / "F4" / "cam_vit_s0"  # not extended: no first_schedule.pt, no row
+    plain.mkdir()
+    (plain / "log.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    assert ep.check_at_extension(plain) is None and ep.check_at_extension(run)["top_hit_rate"] == 0.75
+
+    def fake_score(r, data):
+        assert r == run and data == tmp_path / "data" / "F4"
+        (r / "pseudo_first").mkdir(exist_ok=True)
+        (r / "pseudo_first" / "summary.json").write_text(json.dumps({"miou": 0.25, "diagnostics": {"foreground_fraction": 0.2}}))
+        return r / "pseudo_first" / "summary.json"
+
+    monkeypatch.setattr(ep, "score_first_schedule", fake_score)
+    monkeypatch.setattr(sys, "argv", ["extension_pairs", "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data")])
+    ep.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| F4")]
+    assert rows == ["| F4/cam_vit_s1 | 75% (25%) | 0.67 | 0.250 (20%) | 0.200 (40%) | -5.0 |"]

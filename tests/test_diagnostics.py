@@ -213,6 +213,10 @@ def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_pi
     assert log[2]["lr"] > log[3]["lr"] > log[4]["lr"] > 0 and log[2]["lr"] > log[0]["lr"]  # ... the second over 8 steps
     assert load_checkpoint(tmp_path / "blind" / "last.pt")["cycles"] == 1
     assert capsys.readouterr().err.count("4 more epochs, the lr schedule restarted") == 1
+    first = load_checkpoint(tmp_path / "blind" / "first_schedule.pt")  # the weights before the extension
+    assert first["epoch"] == 2 and first["model"].keys() == load_checkpoint(tmp_path / "blind" / "last.pt")["model"].keys()
+    from wsss.engine.inference import load_run
+    assert load_run(tmp_path / "blind", tmp_path / "blind" / "first_schedule.pt")[2]  # usable as a --checkpoint
 
     from engine_fakes import Crash  # killed in the second restart's first step, then resumed: the same run
     crashing = make_cfg(voc, epochs=2, max_steps_per_epoch=2, val_every=0, extend_unrecognised=2,
@@ -229,6 +233,7 @@ def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_pi
 
     seeing, log = run("seeing", "colour", extend_unrecognised=2)
     assert seeing["epochs"] == 2 and len(log) == 2 and "extended" not in log[-1]
+    assert not (tmp_path / "seeing" / "first_schedule.pt").exists()
     assert log[0]["tag_hit"] == 1.0 and log[0]["recognised"] is True and log[1]["recognised"] is True
     assert load_checkpoint(tmp_path / "seeing" / "last.pt")["recognised"] is True
     assert dg.recognised_summary(log[-1]["masks"]) is True  # checked at the end even without a val pass

@@ -180,6 +180,9 @@ def restart_schedule(opt: torch.optim.Optimizer, sched, cycles: list[int]) -> No
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
+FIRST_SCHEDULE = "first_schedule.pt"  # RUN/first_schedule.pt: the weights when a run extends
+
+
 def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bool:
     """At the end of the first schedule with `train.extend_unrecognised` set: True (and the record and the
     console say so) when the classifier does not yet pick the train images' tags (the alarm's check on its
@@ -393,6 +396,32 @@ def _tensorboard_epoch(tb, record: dict, epoch: int) -> None:
     tb.flush()
 
 
+def _optimizer_for(cfg, method):
+    """(optimizer, trainable parameters, the live backbone parameters, the frozen blocks): the head at
+    train.lr, the last `trainable_blocks` of the backbone at lr x backbone_lr_mult, the rest frozen."""
+    t = cfg.train
+    head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
+    if t.freeze_bn and t.freeze_bn_affine:
+        bb_live, bb_dead = _freeze_bn_affine(method, head, bb_live, bb_dead)
+    check_phases(cfg)
+    for p in bb_dead:
+        p.requires_grad_(False)
+    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr},
+                                {"params": bb_live, "lr": t.lr * t.backbone_lr_mult}])
+    return opt, head + bb_live, bb_live, dead_blocks
+
+
+def _record_epoch(out: Path, record: dict, skipped: list[str], tb, progress: bool, state: dict) -> None:
+    """The main process's end of an epoch: skipped samples, log line, TensorBoard, last.pt, console."""
+    _record_skipped(out / "skipped.txt", skipped)
+    _append_log(out / "log.jsonl", record)  # before last.pt: a kill between them is undone by _truncate_log
+    _tensorboard_epoch(tb, record, record["epoch"])
+    save_checkpoint(out / "last.pt", state)
+    if progress:
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        print(shown, file=sys.stderr)
+
+
 def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train_dataset=None) -> dict:
     from wsss.methods import create_method
 
@@ -401,7 +430,6 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
     dev = info.device
     main = info.is_main
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
-    skipped_path = out / "skipped.txt"
     if last_path.is_file() and not resume:
         raise TrainingError(f"{out}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
     if t.batch_size < info.world_size:
@@ -424,15 +452,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
         _write_run_header(cfg, out, info, class_names, [*getattr(train_raw, "problems", []),
                                                         *getattr(val_raw, "problems", [])])
 
-    head, bb_live, bb_dead, dead_blocks = _split_params(method, t.trainable_blocks)
-    if t.freeze_bn and t.freeze_bn_affine:
-        bb_live, bb_dead = _freeze_bn_affine(method, head, bb_live, bb_dead)
-    check_phases(cfg)
-    for p in bb_dead:
-        p.requires_grad_(False)
-    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr},
-                                {"params": bb_live, "lr": t.lr * t.backbone_lr_mult}])
-    trainable = head + bb_live
+    opt, trainable, bb_live, dead_blocks = _optimizer_for(cfg, method)
 
     dataset, sampler, loader, loader_gen = _make_loader(cfg, train_raw, getattr(method, "target", "label"), info)
     steps = len(loader) if t.max_steps_per_epoch <= 0 else min(len(loader), t.max_steps_per_epoch)
@@ -493,6 +513,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                                    epoch, progress and main)
             last_miou = miou if val_raw is not None else last_miou
         if epoch + 1 == end and cycles[0] == 0 and t.extend_unrecognised > 0 and _extend(cfg, method, train_raw, info, record, cycles):
+            if main:  # the weights before the extra schedule, for `pseudo-label --checkpoint RUN/first_schedule.pt`:
+                #       longer training can spread the maps of a nearly recognising classifier (RESULTS.md, "Transfer")
+                save_checkpoint(out / FIRST_SCHEDULE, {"model": method.state_dict(), "epoch": epoch + 1})
             restart_schedule(opt, sched, cycles)
         rng = D.all_gather_object(rng_state(loader_gen))  # every rank's, for an exact multi-process resume
         if cfg.data.skip_bad:  # every rank's skips, listed in log.jsonl and RUN/skipped.txt
@@ -500,18 +523,12 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
             if skipped:
                 record["skipped"] = list(skipped)
         if main:
-            _record_skipped(skipped_path, list(skipped))
-            _append_log(log_path, record)  # before last.pt: a kill between them is undone by _truncate_log
-            _tensorboard_epoch(tb, record, epoch + 1)
-            save_checkpoint(last_path, {
+            _record_epoch(out, record, list(skipped), tb, progress, {
                 "model": method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "global_step": step, "best_miou": best,
                 "miou": last_miou, "rng": rng, "world_size": info.world_size, "cycles": cycles[0],
                 "recognised": method.recognised,
             })
-            if progress:
-                shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-                print(shown, file=sys.stderr)
         D.barrier()
         epoch += 1
 
