@@ -239,6 +239,9 @@ def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_pi
     assert dg.recognised_summary(log[-1]["masks"]) is True  # checked at the end even without a val pass
     off, log = run("off", "blind")  # the default: no extension
     assert off["epochs"] == 2 and "masks" not in log[-1]
+    from wsss.config import ConfigError
+    with pytest.raises(ConfigError, match="train.extend_gain"):
+        run("bad_bar", "blind", extend_unrecognised=2, extend_gain=1.5)
 
 
 def test_tensorboard_scalars():
@@ -321,3 +324,23 @@ def test_trainer_check_without_image_scores_counts_masks_only(voc, tmp_path, mon
     _train(tmp_path / "run", voc, "colour")
     masks = _last_masks(tmp_path / "run")
     assert masks["images"] == 8 and "top_hit_rate" not in masks and masks["alarm"] is None
+
+
+
+def test_extension_bar_per_preset_family():
+    """train.extend_gain: the checks seen on held-out data (RESULTS.md, "Transfer", seventh session). At
+    the patch presets' 0.8 the ten-digit runs (F1: top class a tag in 50-72% of the images, chance 20%)
+    extend; at the CAM presets' 0.6 the runs that lost 9-14 points by extending (F3 / F4: 75-84%, chance
+    28-33%) stop, and F1's CAM runs (59-66%) still extend."""
+    from wsss.config import load_config
+
+    assert load_config("demo/cam_vit").train.extend_gain == load_config("demo/usage_cnn").train.extend_gain == 0.6
+    assert load_config("demo/tkp_pcl").train.extend_gain == load_config("demo/vit_pcm").train.extend_gain == dg.EXTEND_GAIN
+    for hit, chance in ((0.50, 0.20), (0.56, 0.20), (0.72, 0.20)):
+        assert not dg.picks_tags(hit, chance, dg.EXTEND_GAIN)
+    for hit, chance in ((0.75, 0.33), (0.81, 0.33), (0.84, 0.28)):
+        assert dg.picks_tags(hit, chance, 0.6) and not dg.picks_tags(hit, chance, dg.EXTEND_GAIN)
+    for hit, chance in ((0.59, 0.20), (0.66, 0.20)):
+        assert not dg.picks_tags(hit, chance, 0.6)
+    assert dg.recognised_summary({"scored": 32, "top_hit_rate": 0.75, "top_hit_chance": 0.33}, 0.6) is True
+    assert dg.recognised_summary({"scored": 4, "top_hit_rate": 0.75, "top_hit_chance": 0.33}, 0.6) is None

@@ -109,10 +109,11 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine / poly decay to this lr (every group) instead of 0 (timm's min_lr)
     # > 0: when, at the end of the lr schedule, the classifier does not yet pick the train images' tags
     # (the collapse alarm's check on its fixed train images, wsss.diagnostics: top-scored class a tag
-    # under 80% of the way from chance to always, EXTEND_GAIN), training goes on for this many times
+    # under `extend_gain` of the way from chance to always), training goes on for this many times
     # `epochs` more, the lr schedule restarted from its top over that length. A budget that fits the
     # classes stops at `epochs` untouched; classes that take longer to tell apart get (1 + this) x.
     extend_unrecognised: int = 0
+    extend_gain: float = 0.8  # the bar above (diagnostics.EXTEND_GAIN); the CAM presets stop at 0.6
     freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
     trainable_blocks: int = -1  # after the freeze: train only the last N backbone blocks (-1: all)
     freeze_bn: bool = False  # backbone BatchNorm in eval mode throughout (pretrained statistics, as IRN's

@@ -186,7 +186,7 @@ FIRST_SCHEDULE = "first_schedule.pt"  # RUN/first_schedule.pt: the weights when 
 def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bool:
     """At the end of the first schedule with `train.extend_unrecognised` set: True (and the record and the
     console say so) when the classifier does not yet pick the train images' tags (the alarm's check on its
-    fixed train images, at wsss.diagnostics.EXTEND_GAIN), and training goes on for the longer schedule."""
+    fixed train images, at train.extend_gain), and training goes on for the longer schedule."""
     from wsss.diagnostics import recognised_summary
 
     masks = record.get("masks")
@@ -196,7 +196,7 @@ def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bo
         if masks is None:  # a method without class maps: nothing to decide by
             return False
         record["masks"] = masks
-    verdict = recognised_summary(masks)
+    verdict = recognised_summary(masks, cfg.train.extend_gain)
     if verdict is None or verdict:
         return False
     record["extended"] = True
@@ -214,6 +214,9 @@ def check_phases(cfg) -> None:
     if (t.lr_after_freeze > 0 or t.reset_optimizer_after_freeze) and t.freeze_backbone_epochs <= 0:
         raise ConfigError("train.lr_after_freeze / train.reset_optimizer_after_freeze act when the backbone starts "
                           "training: they need train.freeze_backbone_epochs > 0")
+    if not 0 < t.extend_gain <= 1:
+        raise ConfigError(f"train.extend_gain must be within (0, 1] (a share of the way from chance to every image), "
+                          f"got {t.extend_gain}")
     if t.lr_after_freeze < 0 or t.warmup_lr < 0 or t.min_lr < 0:
         raise ConfigError("train.lr_after_freeze, train.warmup_lr and train.min_lr must be >= 0")
     if t.lr_after_freeze > 0 and t.lr <= 0:
