@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from family_table import _wsss  # `python -m wsss ...`, one thread, output to the cell's log
 
 
 def check_at_extension(run: Path) -> dict | None:
@@ -32,11 +31,8 @@ def check_at_extension(run: Path) -> dict | None:
 def score_first_schedule(run: Path, data: Path) -> Path:
     out = run / "pseudo_first"
     if not (out / "summary.json").exists():
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        with (run / "cell.log").open("a") as log:
-            subprocess.run([sys.executable, "-m", "wsss", "pseudo-label", str(run), "--data", str(data), "--split",
-                            "val", "--out", str(out), "--checkpoint", str(run / "first_schedule.pt")],
-                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _wsss("pseudo-label", str(run), "--data", str(data), "--split", "val", "--out", str(out),
+              "--checkpoint", str(run / "first_schedule.pt"), log=run / "cell.log")
     return out / "summary.json"
 
 

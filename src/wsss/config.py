@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from wsss.diagnostics import EXTEND_GAIN
 from wsss.errors import ConfigError  # re-exported: callers import it from here
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -113,7 +114,7 @@ class TrainConfig:
     # `epochs` more, the lr schedule restarted from its top over that length. A budget that fits the
     # classes stops at `epochs` untouched; classes that take longer to tell apart get (1 + this) x.
     extend_unrecognised: int = 0
-    extend_gain: float = 0.8  # the bar above (diagnostics.EXTEND_GAIN); the CAM presets stop at 0.6
+    extend_gain: float = EXTEND_GAIN  # the bar above; the CAM presets stop at 0.6
     freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
     trainable_blocks: int = -1  # after the freeze: train only the last N backbone blocks (-1: all)
     freeze_bn: bool = False  # backbone BatchNorm in eval mode throughout (pretrained statistics, as IRN's
