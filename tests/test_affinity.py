@@ -97,8 +97,36 @@ def test_walk_mask_threshold_and_alpha():
     cfg = AffinityConfig(radius=3, bg_threshold=0.3)
     walked = walk_maps(f, probs, cfg)
     plain = walk_to_mask(walked, [0, 7], cfg, (12, 20))
-    assert (walk_to_mask(walked, [0, 7], cfg, (12, 20), rgb=rgb, crf_cfg=CRFConfig(backend="torch")) == plain).all()
+    for mode in ("label", "scores"):
+        cfg.walk_crf = mode
+        assert (walk_to_mask(walked, [0, 7], cfg, (12, 20), rgb=rgb, crf_cfg=CRFConfig(backend="torch")) == plain).all()
     assert (walk_to_mask(walked, [0, 7], cfg, (12, 20), bg_threshold=0.99) == 0).all()  # the threshold given wins
+
+
+def test_label_scores_is_unary_from_labels():
+    from wsss.postprocess.crf import label_scores
+
+    s = label_scores(np.array([[0, 2]]), 3, 0.7)
+    assert s.shape == (3, 1, 2) and np.allclose(s.sum(0), 1.0)
+    assert np.allclose(s[:, 0, 0], [0.7, 0.15, 0.15]) and np.allclose(s[:, 0, 1], [0.15, 0.15, 0.7])
+    with pytest.raises(ConfigError):
+        label_scores(np.zeros((2, 2), int), 2, 1.0)
+
+
+def test_walk_label_crf_snaps_the_mask_to_the_image_edge():
+    """The walk's mask, 3 px too wide of a bright square, comes back to the square's edge under IRN's
+    label CRF; the walked scores themselves are flat (0.5 against a 0.4 background)."""
+    rgb = np.full((32, 32, 3), 30, np.uint8)
+    rgb[8:24, 8:24] = 220
+    walked = torch.zeros(1, 32, 32)
+    walked[0, 5:27, 5:27] = 0.5  # the square grown by 3 px on every side
+    cfg = AffinityConfig(radius=3, bg_threshold=0.4, walk_crf="label")
+    plain = walk_to_mask(walked, [0, 7], cfg, (32, 32))
+    assert (plain == 7).sum() == 22 * 22
+    snapped = walk_to_mask(walked, [0, 7], cfg, (32, 32), rgb=rgb, crf_cfg=CRFConfig(backend="torch"))
+    truth = np.zeros((32, 32), np.uint8)
+    truth[8:24, 8:24] = 7
+    assert (snapped != truth).mean() < (plain != truth).mean() / 4
 
 
 # ------------------------------------------------------------------------------------ confident labels
@@ -184,6 +212,10 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     cfg = _aff_cfg(voc)
     cfg.method.bg_threshold = 0.2
     with pytest.raises(ConfigError, match="bg_threshold"):
+        refine(cfg, run, seed_dir, voc, "train", out, device="cpu", progress=False)
+    cfg = _aff_cfg(voc)
+    cfg.infer.size = 64  # another grid: its walks are not these
+    with pytest.raises(ConfigError, match="infer_size"):
         refine(cfg, run, seed_dir, voc, "train", out, device="cpu", progress=False)
     swept = tmp_path / "swept"
     shutil.copytree(out / "walk", swept / "walk")
@@ -278,7 +310,7 @@ def test_wsss_run_with_refine(tmp_path, monkeypatch, capsys):
     assert 0 <= summary["pseudo_train_refined_miou"] <= 1
     proto = summary["protocols"]["pseudo_train_refined"]
     assert proto["stage"] == "refined" and proto["bg_threshold_chosen"] == "swept on train"
-    assert proto["crf"] == "psa"  # the chain's --crf (default) applies to the walked scores too
+    assert proto["crf"] == "irn_label (confidence 0.7)"  # the chain's --crf (default): IRN's CRF on the walk's mask
     assert {"seeds_maps", "pseudo_train_refined", "segment"} <= set(summary["redone"])
     seg = json.loads((out / "segment" / STAGE_MARKER).read_text())["result"]
     assert seg["pseudo_dir"] == str(out / "refine" / "train")  # stage 2 trained on the refined masks

@@ -31,6 +31,12 @@ class AffinityConfig:
     logt: int = 6  # 2^logt random-walk steps
     bg_threshold: float = 0.39  # background score against the walked, max-normalised foreground maps
     bg_alpha: float = 0.0  # > 0: background (1 - max fg)^alpha walked with the foreground instead
+    # `wsss refine --crf`, the CRF after the walk: label (IRN's: the walk's mask as a unary of confidence
+    # walk_crf_confidence, CRF preset irn_label) | scores (the walked scores as the unary, infer.crf). The
+    # walked scores are averages, flat next to the seeds' (0.3-0.6 against a 0.35 background), so the CRF's
+    # pairwise terms outweigh them and wipe thin parts; the labelling's fixed margin does not.
+    walk_crf: str = "label"
+    walk_crf_confidence: float = 0.7  # IRN's gt_prob
 
 
 class AffinityNet(Method):
@@ -45,6 +51,8 @@ class AffinityNet(Method):
         super().__init__(cfg, model_cfg, num_classes)
         if cfg.radius < 2:
             raise ConfigError(f"method.radius: {cfg.radius} leaves no pairs (>= 2)")
+        if cfg.walk_crf not in ("label", "scores"):
+            raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} (label, scores)")
         if len(cfg.alphas) != 2:
             raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
         if backbone is None:  # injectable for tests

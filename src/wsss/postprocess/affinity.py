@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss.config import CRFConfig
 from wsss.data.base import SegmentationDataset
 from wsss.errors import ConfigError, DataError
 from wsss.io import IGNORE_INDEX, atomic_write_json, read_mask, write_mask
@@ -191,8 +192,9 @@ def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_thr
     argmax against the background: the walked channel 0 with `cfg.bg_alpha` > 0, else the constant
     `bg_threshold` (default `cfg.bg_threshold`) against the walked foreground as it is (PSA / MCTformer's
     `infer_aff.py`: no renormalisation after the walk). A tie goes to the background. With `rgb` (uint8
-    [H, W, 3]) the same scores go through the dense CRF (`crf_cfg`) instead of the argmax (the PSA paper's
-    "random walk + dCRF"; its code stops at the walk)."""
+    [H, W, 3]) the dense CRF follows (the PSA paper's "random walk + dCRF"; its code stops at the walk):
+    `cfg.walk_crf` label: on that argmax as a labelling (IRN's `crf_inference_label`: confidence
+    `cfg.walk_crf_confidence`, preset irn_label, `crf_cfg`'s backend); scores: on the scores (`crf_cfg`)."""
     lut = torch.tensor(classes, dtype=torch.uint8)
     if walked.shape[0] == 0 or len(classes) < 2:
         return np.zeros(tuple(out_size), np.uint8)
@@ -200,15 +202,23 @@ def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_thr
     if cfg.bg_alpha <= 0:
         thr = float(cfg.bg_threshold if bg_threshold is None else bg_threshold)
         up = torch.cat([torch.full_like(up[:1], thr), up])
-    if rgb is not None:
-        from wsss.postprocess.crf import refine as crf_refine
-
-        idx = crf_refine(np.ascontiguousarray(rgb, dtype=np.uint8), up.clamp_min(1e-5).numpy(), crf_cfg)
-        return lut.numpy()[np.asarray(idx, dtype=np.int64)]
     if cfg.bg_alpha > 0:
-        return lut[up.argmax(0)].numpy()
-    top, arg = up[1:].max(0)
-    return torch.where(top > up[0], lut[1:][arg], lut[0]).numpy()
+        idx = up.argmax(0)
+    else:
+        top, arg = up[1:].max(0)
+        idx = torch.where(top > up[0], arg + 1, torch.zeros_like(arg))
+    if rgb is None:
+        return lut[idx].numpy()
+    from wsss.postprocess.crf import label_scores
+    from wsss.postprocess.crf import refine as crf_refine
+
+    image = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if getattr(cfg, "walk_crf", "scores") == "label":
+        label_cfg = dataclasses.replace(crf_cfg or CRFConfig(), preset="irn_label")
+        out = crf_refine(image, label_scores(idx.numpy(), len(classes), cfg.walk_crf_confidence), label_cfg)
+    else:
+        out = crf_refine(image, up.clamp_min(1e-5).numpy(), crf_cfg)
+    return lut.numpy()[np.asarray(out, dtype=np.int64)]
 
 
 def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
@@ -310,6 +320,10 @@ def _seed_protocol(seeds: Path) -> dict:
         return {}
 
 
+# settings of step 4 alone: the walks (step 3) do not depend on them, so one walk serves them all
+_MASK_KEYS = ("bg_threshold", "walk_crf", "walk_crf_confidence")
+
+
 def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str = "auto", skip_bad: bool = False,
            progress: bool = True, sweep_thresholds: list[float] | None = None, crf: bool = False) -> dict:
     """`wsss refine`, four resumable steps:
@@ -341,6 +355,8 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if cfg.method.name != "affinity":
         raise ConfigError(f"method.name: `wsss refine` trains an AffinityNet (affinity), got {cfg.method.name!r}")
     a = cfg.method
+    if a.walk_crf not in ("label", "scores"):
+        raise ConfigError(f"method.walk_crf: unknown mode {a.walk_crf!r} (label, scores)")
     run, seeds, out = Path(run_dir), Path(seeds_dir), Path(out_dir)
     if not (seeds / "maps").is_dir():
         raise DataError(f"{seeds / 'maps'}: seed maps not found (make them with `wsss pseudo-label ... --save-maps`)")
@@ -401,7 +417,9 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
 
     # 3. random walk of every image's seeds, cached at grid resolution
     walk_settings = {"run": str(run.resolve()), "seeds": str(seeds.resolve()), "split": split,
-                     **{k: v for k, v in dataclasses.asdict(a).items() if k != "bg_threshold"}}
+                     **{k: v for k, v in dataclasses.asdict(a).items() if k not in _MASK_KEYS},
+                     # the input size sets the walk's grid: walks at two sizes never mix in one folder
+                     "infer_size": int(cfg.infer.size or cfg.data.crop_size), "infer_resize": cfg.infer.resize}
     out.mkdir(parents=True, exist_ok=True)
     write_env(out)
     _check_settings(out / "walk.json", walk_settings, "walks")
@@ -456,9 +474,10 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
         threshold, chosen = float(best), f"swept on {split}"
         atomic_write_json(out / "sweep.json", {"split": split, "sweep": sweep_table, "best_threshold": best,
                                                "best_miou": res["miou"]})
-    crf_name = cfg.infer.crf.preset if crf else None
+    crf_name = (f"irn_label (confidence {a.walk_crf_confidence:g})" if a.walk_crf == "label" else cfg.infer.crf.preset) if crf else None
     _check_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold, "bg_threshold_chosen": chosen,
-                                          **({"crf": dataclasses.asdict(cfg.infer.crf)} if crf else {})})
+                                          **({"crf": dataclasses.asdict(cfg.infer.crf), "walk_crf": a.walk_crf,
+                                              "walk_crf_confidence": a.walk_crf_confidence} if crf else {})})
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
     diag = MaskStats()
     written = 0

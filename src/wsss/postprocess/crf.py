@@ -18,6 +18,9 @@ Presets (the parameters the papers' public code passes to pydensecrf):
   bi_xy_std=121, bi_rgb_std=5, bi_w=4 (gaussian sxy / compat, bilateral sxy / srgb / compat). Its
   wrapper (`utils/dcrf.py`, deeplab-pytorch's) is not in the stored copy; the mapping assumes it passes
   those six values straight to pydensecrf, as deeplab-pytorch's does.
+- `irn_label`: IRN's `crf_inference_label` (Ahn et al. 2019, jiwoon-ahn/irn `misc/imutils.py`), the CRF
+  it runs on a hard labelling: gaussian sxy=3 compat=3, bilateral sxy=50 srgb=5 compat=10, 10 iterations;
+  with `label_scores` (confidence 0.7) as the unary.
 - `custom`: the values in `CRFConfig` as given.
 
 `refine` is a top-level function of numpy arrays and a dataclass, so it pickles into worker processes;
@@ -45,12 +48,30 @@ PRESETS: dict[str, dict[str, float]] = {
     "vit_pcm": dict(
         iterations=10, gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4
     ),
+    "irn_label": dict(
+        iterations=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=50, bilateral_srgb=5, bilateral_compat=10
+    ),
     "toco": dict(
         iterations=10, gaussian_sxy=1, gaussian_compat=1, bilateral_sxy=121, bilateral_srgb=5, bilateral_compat=4
     ),
 }
 EPS = 1e-8
 BACKENDS = ("auto", "torch", "pydensecrf")
+
+
+def label_scores(labels: np.ndarray, k: int, confidence: float = 0.7) -> np.ndarray:
+    """Scores float32 [K, H, W] of a hard labelling (indices int [H, W] into K channels) for `refine`:
+    `confidence` on each pixel's label, the rest shared by the other K - 1 channels. This is
+    pydensecrf.utils.unary_from_labels(zero_unsure=False), IRN's unary for a labelling; written here so the
+    torch backend takes it too."""
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"label confidence must be within (0, 1), got {confidence}")
+    labels = np.asarray(labels)
+    if k < 2:
+        return np.ones((1, *labels.shape), np.float32)
+    out = np.full((k, *labels.shape), (1.0 - confidence) / (k - 1), np.float32)
+    np.put_along_axis(out, labels[None].astype(np.int64), np.float32(confidence), 0)
+    return out
 
 
 def has_pydensecrf() -> bool:
