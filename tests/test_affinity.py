@@ -113,6 +113,15 @@ def test_label_scores_is_unary_from_labels():
         label_scores(np.zeros((2, 2), int), 2, 1.0)
 
 
+def test_refine_refuses_an_unknown_walk_crf_before_training(seeds, tmp_path):
+    voc, seed_dir = seeds
+    cfg = _aff_cfg(voc)
+    cfg.method.walk_crf = "both"
+    with pytest.raises(ConfigError, match="walk_crf"):
+        refine(cfg, tmp_path / "aff", seed_dir, voc, "train", tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "aff" / "labels").exists()  # nothing written
+
+
 def test_walk_label_crf_snaps_the_mask_to_the_image_edge():
     """The walk's mask, 3 px too wide of a bright square, comes back to the square's edge under IRN's
     label CRF; the walked scores themselves are flat (0.5 against a 0.4 background)."""

@@ -19,6 +19,8 @@ from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX
 from wsss.methods.base import Method
 
+WALK_CRF_MODES = ("label", "scores")
+
 
 @dataclass
 class AffinityConfig:
@@ -39,6 +41,13 @@ class AffinityConfig:
     walk_crf_confidence: float = 0.7  # IRN's gt_prob
 
 
+def check_walk_crf(cfg: AffinityConfig) -> None:
+    if cfg.walk_crf not in WALK_CRF_MODES:
+        raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} ({', '.join(WALK_CRF_MODES)})")
+    if not 0.0 < cfg.walk_crf_confidence < 1.0:
+        raise ConfigError(f"method.walk_crf_confidence: {cfg.walk_crf_confidence} is not within (0, 1)")
+
+
 class AffinityNet(Method):
     """Backbone + embedding head; see the module docstring."""
 
@@ -51,8 +60,7 @@ class AffinityNet(Method):
         super().__init__(cfg, model_cfg, num_classes)
         if cfg.radius < 2:
             raise ConfigError(f"method.radius: {cfg.radius} leaves no pairs (>= 2)")
-        if cfg.walk_crf not in ("label", "scores"):
-            raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} (label, scores)")
+        check_walk_crf(cfg)
         if len(cfg.alphas) != 2:
             raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
         if backbone is None:  # injectable for tests

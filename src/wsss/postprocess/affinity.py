@@ -16,7 +16,8 @@ Three steps, each a function here; `refine` (the `wsss refine` command) chains t
    normalises the dense matrix's columns and multiplies the maps from the left (v T): for a symmetric
    affinity that is the same averaging, v_i <- sum_j a_ij v_j / sum_j a_ij, which is ours.
 4. `walk_to_mask`: the walked foreground against a constant background threshold (MCTformer's `--bg_thr`,
-   chosen on train by `refine(..., sweep_thresholds=)`), or PSA's walked (1 - max)^alpha (`bg_alpha` > 0).
+   chosen on train by `refine(..., sweep_thresholds=)`), or PSA's walked (1 - max)^alpha (`bg_alpha` > 0);
+   optionally a dense CRF after it, by default IRN's CRF on the mask as a labelling (`walk_crf`).
 
 PSA's facts (jiwoon-ahn/psa and xulianuwa/MCTformer `psa/`): the pair loss bg/4 + fg/4 + neg/2 with each
 term averaged over its own pairs; radius 5 on the stride-8 grid; beta 8; logt 6 (MCTformer; the original
@@ -213,7 +214,7 @@ def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_thr
     from wsss.postprocess.crf import refine as crf_refine
 
     image = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if getattr(cfg, "walk_crf", "scores") == "label":
+    if cfg.walk_crf == "label":
         label_cfg = dataclasses.replace(crf_cfg or CRFConfig(), preset="irn_label")
         out = crf_refine(image, label_scores(idx.numpy(), len(classes), cfg.walk_crf_confidence), label_cfg)
     else:
@@ -335,8 +336,8 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     3. each image's seeds walked on its affinity features into OUT/walk/<id>.npz (grid resolution);
     4. masks OUT/<id>.png at the background threshold: `cfg.method.bg_threshold`, or with `sweep_thresholds`
        (a split with masks) the best of them by mIoU on this split (OUT/sweep.json), "the threshold chosen on
-       train" of PSA's protocol; with `crf`, the walked scores at that threshold go through the dense CRF
-       (`cfg.infer.crf`; the sweep itself is without it).
+       train" of PSA's protocol; with `crf`, the dense CRF follows (`walk_to_mask`: IRN's label CRF on that
+       mask, or `cfg.infer.crf` on the walked scores; the sweep itself is without it).
 
     Every file is written atomically and skipped on a rerun when present, so kill -9 loses at most the
     image (or the epoch) in flight. OUT/walk.json / OUT/refine.json hold the settings of the walks / masks.
@@ -348,6 +349,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     from wsss.engine.pseudo_masks import _metrics
     from wsss.engine.trainer import train
     from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
+    from wsss.methods.affinity import check_walk_crf
     from wsss.provenance import write_env
     from wsss.segment.train import PseudoMaskDataset
 
@@ -355,8 +357,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if cfg.method.name != "affinity":
         raise ConfigError(f"method.name: `wsss refine` trains an AffinityNet (affinity), got {cfg.method.name!r}")
     a = cfg.method
-    if a.walk_crf not in ("label", "scores"):
-        raise ConfigError(f"method.walk_crf: unknown mode {a.walk_crf!r} (label, scores)")
+    check_walk_crf(a)  # before hours of training, not after
     run, seeds, out = Path(run_dir), Path(seeds_dir), Path(out_dir)
     if not (seeds / "maps").is_dir():
         raise DataError(f"{seeds / 'maps'}: seed maps not found (make them with `wsss pseudo-label ... --save-maps`)")
