@@ -44,8 +44,9 @@ class AffinityConfig:
 def check_walk_crf(cfg: AffinityConfig) -> None:
     if cfg.walk_crf not in WALK_CRF_MODES:
         raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} ({', '.join(WALK_CRF_MODES)})")
-    if not 0.0 < cfg.walk_crf_confidence < 1.0:
-        raise ConfigError(f"method.walk_crf_confidence: {cfg.walk_crf_confidence} is not within (0, 1)")
+    from wsss.postprocess.crf import check_label_confidence
+
+    check_label_confidence(cfg.walk_crf_confidence, "method.walk_crf_confidence")
 
 
 class AffinityNet(Method):

@@ -475,10 +475,14 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
         threshold, chosen = float(best), f"swept on {split}"
         atomic_write_json(out / "sweep.json", {"split": split, "sweep": sweep_table, "best_threshold": best,
                                                "best_miou": res["miou"]})
-    crf_name = (f"irn_label (confidence {a.walk_crf_confidence:g})" if a.walk_crf == "label" else cfg.infer.crf.preset) if crf else None
+    crf_name, mask_crf = None, {}
+    if crf:
+        label = a.walk_crf == "label"
+        crf_name = f"irn_label (confidence {a.walk_crf_confidence:g})" if label else cfg.infer.crf.preset
+        mask_crf = {"crf": dataclasses.asdict(cfg.infer.crf), "walk_crf": a.walk_crf,
+                    "walk_crf_confidence": a.walk_crf_confidence}
     _check_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold, "bg_threshold_chosen": chosen,
-                                          **({"crf": dataclasses.asdict(cfg.infer.crf), "walk_crf": a.walk_crf,
-                                              "walk_crf_confidence": a.walk_crf_confidence} if crf else {})})
+                                          **mask_crf})
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
     diag = MaskStats()
     written = 0

@@ -59,13 +59,17 @@ EPS = 1e-8
 BACKENDS = ("auto", "torch", "pydensecrf")
 
 
+def check_label_confidence(confidence: float, key: str = "label confidence") -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"{key} must be within (0, 1), got {confidence}")
+
+
 def label_scores(labels: np.ndarray, k: int, confidence: float = 0.7) -> np.ndarray:
     """Scores float32 [K, H, W] of a hard labelling (indices int [H, W] into K channels) for `refine`:
     `confidence` on each pixel's label, the rest shared by the other K - 1 channels. This is
     pydensecrf.utils.unary_from_labels(zero_unsure=False), IRN's unary for a labelling; written here so the
     torch backend takes it too."""
-    if not 0.0 < confidence < 1.0:
-        raise ConfigError(f"label confidence must be within (0, 1), got {confidence}")
+    check_label_confidence(confidence)
     labels = np.asarray(labels)
     if k < 2:
         return np.ones((1, *labels.shape), np.float32)
