@@ -15,7 +15,7 @@ from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX, read_mask
-from wsss.methods.affinity import AffinityConfig
+from wsss.methods.affinity import AffinityConfig, crossing_alpha, seed_alphas
 from wsss.postprocess.affinity import (
     affinity_loss,
     confident_labels,
@@ -152,6 +152,32 @@ def test_confident_labels_two_alphas_disagreement_ignored():
     assert with_crf.shape == (1, 3) and set(with_crf.ravel()) <= {0, 5, IGNORE_INDEX}
 
 
+def test_seed_alphas_put_the_crossings_at_the_seed_threshold():
+    assert crossing_alpha(0.5) == pytest.approx(1.0)
+    for c in (0.15, 0.4, 0.6):
+        assert (1 - c) ** crossing_alpha(c) == pytest.approx(c)
+    cfg = AffinityConfig(alphas=[1.0, 12.0])
+    assert seed_alphas(cfg, 0.6) == [1.0, 12.0]  # off unless asked for
+    cfg.alpha_crossings = [1.0, 2 / 3]
+    assert seed_alphas(cfg, None) == [1.0, 12.0]  # seeds with a background channel keep the fixed alphas
+    low, high = seed_alphas(cfg, 0.6)
+    assert (0.4**low, 0.6**high) == (pytest.approx(0.6, abs=1e-3), pytest.approx(0.4, abs=1e-3))
+    with pytest.raises(ConfigError, match="outside"):
+        seed_alphas(AffinityConfig(alpha_crossings=[2.0, 1.0]), 0.6)
+
+
+def test_broad_cam_background_is_labelled_with_seed_alphas():
+    """A CAM warm all over (background 0.3, object 0.9) cut at 0.6: PSA's fixed alphas [1, 12] cross at 0.5
+    and 0.15, so the whole background falls between them and is ignored; crossings at the threshold and at
+    2/3 of it label it background."""
+    fg = np.array([[[0.9, 0.3, 0.3, 0.3]]], np.float32)
+    probs = np.concatenate([np.zeros_like(fg), fg])
+    rgb = np.zeros((1, 4, 3), np.uint8)
+    assert confident_labels(rgb, probs, [0, 5], [1.0, 12.0], crf=False).tolist() == [[5] + [IGNORE_INDEX] * 3]
+    alphas = seed_alphas(AffinityConfig(alpha_crossings=[1.0, 2 / 3]), 0.6)
+    assert confident_labels(rgb, probs, [0, 5], alphas, crf=False).tolist() == [[5, 0, 0, 0]]
+
+
 def test_affinity_loss_counts_pairs_separately():
     labels = torch.tensor([[[0, 0, 1, 1, IGNORE_INDEX]]])
     same = torch.zeros(1, 2, 1, 5)  # all features equal: positives cost 0, negatives a lot
@@ -241,6 +267,25 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     shutil.copytree(seed_dir, other)
     with pytest.raises(ConfigError, match="confident labels"):
         refine(_aff_cfg(voc), run, other, voc, "train", tmp_path / "o3", device="cpu", progress=False)
+
+
+def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path):
+    voc, seed_dir = seeds
+    cut = tmp_path / "seeds_cut"  # the same seeds, as if cut at 0.6 (the threshold their protocol records)
+    shutil.copytree(seed_dir, cut)
+    summary = json.loads((cut / "summary.json").read_text())
+    summary["protocol"]["bg_threshold"] = 0.6
+    (cut / "summary.json").write_text(json.dumps(summary))
+    cfg = _aff_cfg(voc)
+    cfg.method.alpha_crossings = [2.0, 1.0]  # crossings 1.2 and 0.6: refused before anything is written
+    with pytest.raises(ConfigError, match="alpha_crossings"):
+        refine(cfg, tmp_path / "bad", cut, voc, "train", tmp_path / "bad_out", device="cpu", progress=False)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad_out").exists()
+    cfg.method.alpha_crossings = [1.0, 2 / 3]
+    res = refine(cfg, tmp_path / "aff", cut, voc, "train", tmp_path / "out", device="cpu", progress=False)
+    alphas = seed_alphas(cfg.method, 0.6)
+    assert res["protocol"]["alphas"] == alphas != [1.0, 12.0]
+    assert json.loads((tmp_path / "aff" / "labels.json").read_text())["alphas"] == alphas
 
 
 def test_refine_skip_bad_and_cli(seeds, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ settings of label generation and of the random walk that `wsss refine` reads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,12 @@ class AffinityConfig:
     dim: int = 256  # embedding channels
     radius: int = 5  # pairs (training) and neighbours (random walk) within this many feature cells
     alphas: list[float] = field(default_factory=lambda: [4.0, 32.0])  # low / high background alpha (PSA)
+    # Seeds cut at a background threshold t (CAM-style; their protocol records it): the alphas put the
+    # crossing of (1 - s)^alpha and s at t * alpha_crossings[0] and t * alpha_crossings[1] instead (see
+    # `seed_alphas`). Fixed alphas assume seeds that are near 0 on the background, as PSA's and MCTformer's
+    # are; broad CAMs (the best t 0.55-0.65 here) sit between the crossings of [1, 12] (0.5 and 0.15) over
+    # most of the background, which is then ignored. Seeds with a background channel keep `alphas`.
+    alpha_crossings: list[float] | None = None
     crf: bool = True  # refine each alpha's labeling with the dense CRF (infer.crf preset)
     beta: float = 8.0  # a_ij = affinity^beta
     logt: int = 6  # 2^logt random-walk steps
@@ -41,12 +48,35 @@ class AffinityConfig:
     walk_crf_confidence: float = 0.7  # IRN's gt_prob
 
 
+def crossing_alpha(c: float) -> float:
+    """The alpha at which the background score (1 - s)^alpha equals the foreground score s at s = c."""
+    return math.log(c) / math.log(1.0 - c)
+
+
+def seed_alphas(cfg: AffinityConfig, seed_threshold: float | None) -> list[float]:
+    """[low, high] background alphas for seeds cut at `seed_threshold` (None: a background channel):
+    `cfg.alphas`, or with `cfg.alpha_crossings` the alphas whose crossings are the threshold times them."""
+    if cfg.alpha_crossings is None or seed_threshold is None:
+        return [float(x) for x in cfg.alphas]
+    crossings = [float(seed_threshold) * k for k in cfg.alpha_crossings]
+    if not all(0.0 < c < 1.0 for c in crossings):
+        raise ConfigError(f"method.alpha_crossings: {cfg.alpha_crossings} x the seeds' background threshold "
+                          f"{seed_threshold:g} gives crossings {crossings}, outside (0, 1)")
+    return [round(crossing_alpha(c), 4) for c in crossings]
+
+
 def check_walk_crf(cfg: AffinityConfig) -> None:
     if cfg.walk_crf not in WALK_CRF_MODES:
         raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} ({', '.join(WALK_CRF_MODES)})")
     from wsss.postprocess.crf import check_label_confidence
 
     check_label_confidence(cfg.walk_crf_confidence, "method.walk_crf_confidence")
+
+
+def check_alpha_crossings(cfg: AffinityConfig) -> None:
+    k = cfg.alpha_crossings
+    if k is not None and (len(k) != 2 or not all(x > 0 for x in k) or not k[0] > k[1]):
+        raise ConfigError(f"method.alpha_crossings: expected [low, high] factors > 0, low > high, got {k}")
 
 
 class AffinityNet(Method):
@@ -64,6 +94,7 @@ class AffinityNet(Method):
         check_walk_crf(cfg)
         if len(cfg.alphas) != 2:
             raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
+        check_alpha_crossings(cfg)
         if backbone is None:  # injectable for tests
             from wsss.models import create_backbone
 
