@@ -557,8 +557,8 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
                    diagnostics: dict) -> dict:
     """OUT/summary.json: the masks' metrics, threshold, skipped images, protocol and diagnostics (their alarm,
     if any, also on stderr)."""
-    proto = {**_seed_protocol(job.seeds), "split": job.split, "stage": "refined", "alphas": job.alphas, "crf": crf_name,
-             "bg_threshold": threshold.value, "bg_threshold_chosen": threshold.chosen,
+    proto = {**_seed_protocol(job.seeds), "split": job.split, "stage": "refined", "alphas": job.alphas,
+             "crf": crf_name, "bg_threshold": threshold.value, "bg_threshold_chosen": threshold.chosen,
              "checkpoint": "last (AffinityNet)"}
     summary = {**metrics, "num_images": len(job.ds), "split": job.split, "bg_threshold": threshold.value,
                **({"sweep": threshold.sweep} if threshold.sweep else {}),
