@@ -75,6 +75,18 @@ def _train(preset: str, root: Path, seed: int, run: Path, extra: list[str]) -> N
         _wsss("train", f"demo/{preset}", *_options(root, seed, extra), "--out", str(run), log=run / "cell.log")
 
 
+def stage2(root: Path, masks: Path, seed: int, run: Path, extra: list[str]) -> None:
+    """`demo/segment` trained on MASKS into RUN (unless it holds a run), then its tag-free predictions on val
+    into RUN/pseudo."""
+    if not (run / "last.pt").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        _wsss("segment", "demo/segment", "--pseudo", str(masks), *_options(root, seed, extra), "--out", str(run),
+              log=run / "cell.log")
+    code = ("import sys; from wsss.segment.predict import predict_dataset; "
+            "predict_dataset(sys.argv[1], sys.argv[2], 'val', sys.argv[3], progress=False)")
+    subprocess.run([sys.executable, "-c", code, str(run), str(root), str(run / "pseudo")], check=True, env=_env())
+
+
 def _row(summary: Path, family: str, preset: str, seed: int) -> dict:
     s = json.loads(summary.read_text())
     diag = s.get("diagnostics") or {}
@@ -104,14 +116,7 @@ def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: lis
             if not (train_masks / "summary.json").exists():
                 _wsss("pseudo-label", str(stage1), "--data", str(root), "--split", "train", "--crf",
                       "--out", str(train_masks), log=stage1 / "cell.log")
-            if not (run / "last.pt").exists():
-                run.mkdir(parents=True, exist_ok=True)
-                _wsss("segment", "demo/segment", "--pseudo", str(train_masks), *_options(root, seed, extra),
-                      "--out", str(run), log=run / "cell.log")
-            code = ("import sys; from wsss.segment.predict import predict_dataset; "
-                    "predict_dataset(sys.argv[1], sys.argv[2], 'val', sys.argv[3], progress=False)")
-            subprocess.run([sys.executable, "-c", code, str(run), str(root), str(run / "pseudo")], check=True,
-                           env=_env())
+            stage2(root, train_masks, seed, run, extra)
         else:
             _train(preset, root, seed, run, extra)
             _wsss("pseudo-label", str(run), "--data", str(root), "--split", "val", "--out", str(summary.parent),

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_table import FAMILIES, _env, _options, _train, _wsss, cell, make_family  # noqa: E402
+from family_table import FAMILIES, _train, _wsss, cell, make_family, stage2  # noqa: E402
 
 SWEEP = "0.1:0.9:0.05"  # the range `wsss run --refine` sweeps (wsss.pipeline.SWEEP)
 
@@ -56,19 +56,14 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
         _wsss("refine", str(run / f"refine_affinity{suffix}"), "--seeds", str(maps), "--data", str(root), "--split",
               "train", "--crf", "--sweep-threshold", SWEEP, *[a for o in [f"train.seed={seed}", *overrides]
                                                                for a in ("-o", o)], "--out", str(refined), log=log)
-    row = {"family": family, "preset": preset, "refine": name or "as shipped", "seed": seed, "crf": _miou(crf), "seeds": _miou(maps),
-           "refined": _miou(refined), "threshold": json.loads((refined / "summary.json").read_text())["bg_threshold"]}
+    row = {"family": family, "preset": preset, "refine": name or "as shipped", "seed": seed, "crf": _miou(crf),
+           "seeds": _miou(maps), "refined": _miou(refined),
+           "threshold": json.loads((refined / "summary.json").read_text())["bg_threshold"]}
     if segment and preset == "tkp_pcl" and not name:  # family_table's `segment` cell trains on this run's CRF masks
         row["segment_crf"] = cell(family, "segment", seed, data, work, [])["miou"]
         seg = work / family / f"segment_refined_s{seed}"
         if not (seg / "pseudo" / "summary.json").exists():
-            if not (seg / "last.pt").exists():
-                seg.mkdir(parents=True, exist_ok=True)
-                _wsss("segment", "demo/segment", "--pseudo", str(refined), *_options(root, seed, []), "--out", str(seg),
-                      log=seg / "cell.log")
-            code = ("import sys; from wsss.segment.predict import predict_dataset; "
-                    "predict_dataset(sys.argv[1], sys.argv[2], 'val', sys.argv[3], progress=False)")
-            subprocess.run([sys.executable, "-c", code, str(seg), str(root), str(seg / "pseudo")], check=True, env=_env())
+            stage2(root, refined, seed, seg, [])
         row["segment_refined"] = _miou(seg / "pseudo")
     return row
 
