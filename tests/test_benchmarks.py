@@ -255,3 +255,34 @@ def test_extension_pairs_reads_the_deciding_check_and_compares_both_weights(benc
     ep.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| F4")]
     assert rows == ["| F4/cam_vit_s1 | 75% (25%) | 0.67 | 0.250 (20%) | 0.200 (40%) | -5.0 |"]
+
+
+def test_refine_table_cell_commands_and_paired_gain(bench, tmp_path, monkeypatch):
+    """A refine cell runs the CRF masks, the seed maps and `wsss refine` on the family table's stage-1 run
+    (overrides and the named folders only with --name), then reads them back without rerunning; the table
+    gives the paired refined - CRF difference of each seed."""
+    rt = bench("refine_table")
+    calls = []
+
+    def fake_wsss(*args, log):
+        calls.append(args)
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        miou = {"pseudo-label": 0.7 if "--crf" in args else 0.5, "refine": 0.75}[args[0]]
+        (out / "summary.json").write_text(json.dumps({"miou": miou, "bg_threshold": 0.4}))
+
+    monkeypatch.setattr(rt, "make_family", lambda name, data: tmp_path / name)
+    monkeypatch.setattr(rt, "_train", lambda *a: None)
+    monkeypatch.setattr(rt, "_wsss", fake_wsss)
+    work = tmp_path / "work"
+    row = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, False, ["method.alpha_crossings=[1,0.5]"], "x")
+    assert [c[0] for c in calls] == ["pseudo-label", "pseudo-label", "refine"]
+    refine_call = calls[2]
+    assert refine_call[1] == str(work / "F3" / "cam_cnn_s0" / "refine_affinity_x")
+    assert "method.alpha_crossings=[1,0.5]" in refine_call and "train.seed=0" in refine_call
+    assert (row["crf"], row["seeds"], row["refined"], row["refine"]) == (0.7, 0.5, 0.75, "x")
+    monkeypatch.setattr(rt, "_wsss", lambda *a, **k: pytest.fail("a finished cell must not be rerun"))
+    again = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, False, ["method.alpha_crossings=[1,0.5]"], "x")
+    assert again == row
+    text = rt.table([row, {**row, "seed": 1, "crf": 0.8, "refined": 0.78}])
+    assert "| F3 (held out) | `demo/cam_cnn` | x | 0, 1 |" in text and "+1.5 (+5.0, -2.0)" in text
