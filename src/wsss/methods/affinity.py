@@ -73,7 +73,13 @@ def check_walk_crf(cfg: AffinityConfig) -> None:
     check_label_confidence(cfg.walk_crf_confidence, "method.walk_crf_confidence")
 
 
-def check_alpha_crossings(cfg: AffinityConfig) -> None:
+def check_config(cfg: AffinityConfig) -> None:
+    """Every method key, checked where the AffinityNet is built and by `wsss refine` before anything is written."""
+    if cfg.radius < 2:
+        raise ConfigError(f"method.radius: {cfg.radius} leaves no pairs (>= 2)")
+    check_walk_crf(cfg)
+    if len(cfg.alphas) != 2:
+        raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
     k = cfg.alpha_crossings
     if k is not None and (len(k) != 2 or not all(x > 0 for x in k) or not k[0] > k[1]):
         raise ConfigError(f"method.alpha_crossings: expected [low, high] factors > 0, low > high, got {k}")
@@ -89,12 +95,7 @@ class AffinityNet(Method):
 
     def __init__(self, cfg: AffinityConfig, model_cfg, num_classes: int, backbone: nn.Module | None = None):
         super().__init__(cfg, model_cfg, num_classes)
-        if cfg.radius < 2:
-            raise ConfigError(f"method.radius: {cfg.radius} leaves no pairs (>= 2)")
-        check_walk_crf(cfg)
-        if len(cfg.alphas) != 2:
-            raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
-        check_alpha_crossings(cfg)
+        check_config(cfg)
         if backbone is None:  # injectable for tests
             from wsss.models import create_backbone
 

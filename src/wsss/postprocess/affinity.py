@@ -351,6 +351,7 @@ class _Refinement:
     skip_bad: bool
     skipped: list[str]
     alphas: list[float]  # the confident labels' two background alphas (`seed_alphas`)
+    seed_protocol: dict  # the seeds' own protocol (their summary.json), read once
 
     def bad(self, e: DataError) -> None:
         """An unusable image: raise, or with skip_bad warn on stderr, record it and go on without it."""
@@ -557,7 +558,7 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
                    diagnostics: dict) -> dict:
     """OUT/summary.json: the masks' metrics, threshold, skipped images, protocol and diagnostics (their alarm,
     if any, also on stderr)."""
-    proto = {**_seed_protocol(job.seeds), "split": job.split, "stage": "refined", "alphas": job.alphas,
+    proto = {**job.seed_protocol, "split": job.split, "stage": "refined", "alphas": job.alphas,
              "crf": crf_name, "bg_threshold": threshold.value, "bg_threshold_chosen": threshold.chosen,
              "checkpoint": "last (AffinityNet)"}
     summary = {**metrics, "num_images": len(job.ds), "split": job.split, "bg_threshold": threshold.value,
@@ -588,13 +589,12 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     With masks, OUT/summary.json holds the mIoU and its protocol. One image at a time: memory does not grow
     with the split."""
     from wsss.data import open_dataset
-    from wsss.methods.affinity import check_alpha_crossings, check_walk_crf, seed_alphas
+    from wsss.methods.affinity import check_config, seed_alphas
 
     t0 = time.time()
     if cfg.method.name != "affinity":
         raise ConfigError(f"method.name: `wsss refine` trains an AffinityNet (affinity), got {cfg.method.name!r}")
-    check_walk_crf(cfg.method)  # before hours of training, not after
-    check_alpha_crossings(cfg.method)
+    check_config(cfg.method)  # before hours of training, not after
     run, seeds, out = Path(run_dir), Path(seeds_dir), Path(out_dir)
     if not (seeds / "maps").is_dir():
         raise DataError(f"{seeds / 'maps'}: seed maps not found (make them with `wsss pseudo-label ... --save-maps`)")
@@ -604,8 +604,9 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
     if sweep_thresholds is not None:
         sweep_thresholds = _checked_thresholds(sweep_thresholds, cfg.method, ds, split)
-    alphas = seed_alphas(cfg.method, _seed_protocol(seeds).get("bg_threshold"))
-    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas)
+    protocol = _seed_protocol(seeds)
+    alphas = seed_alphas(cfg.method, protocol.get("bg_threshold"))
+    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol)
 
     # every config check is above, before anything is written or trained; below, each step refuses a folder
     # holding its files made with other settings (labels.json, walk.json, refine.json)
