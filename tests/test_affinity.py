@@ -12,6 +12,7 @@ import torch
 from engine_fakes import make_cfg, make_voc
 from wsss.config import CRFConfig, config_from_dict, load_config, save_config
 from wsss.engine.pseudo_masks import pseudo_label
+from wsss.engine.refine import refine
 from wsss.engine.trainer import train
 from wsss.errors import ConfigError
 from wsss.io import IGNORE_INDEX, read_mask
@@ -22,7 +23,6 @@ from wsss.postprocess.affinity import (
     disk_offsets,
     propagate,
     random_walk,
-    refine,
     transition,
     walk_maps,
     walk_mask,

@@ -62,7 +62,7 @@ def _run(preset: str, root, tmp_path, extra: list[str], device: str) -> None:
     cfg = load_config(preset, overrides)
     run, out = tmp_path / "run", tmp_path / "pseudo"
     if cfg.method.name == "affinity":  # PSA: no class maps; `wsss refine` walks seeds of a CAM run
-        from wsss.postprocess.affinity import refine
+        from wsss.engine.refine import refine
 
         seeds_run, seeds = tmp_path / "seeds_run", tmp_path / "seeds"
         train(load_config("demo/cam_cnn", [*overrides, "data.crop_size=64", "train.batch_size=2"]), seeds_run, progress=False)

@@ -287,7 +287,7 @@ def refine(
 ) -> None:
     """Refine seeds with a learned affinity (PSA): confident labels, AffinityNet in RUN, random walk
     (resumable: finished files are skipped)."""
-    from wsss.postprocess.affinity import refine as run_refine
+    from wsss.engine.refine import refine as run_refine
 
     if config is None:
         config = str(run / "config.yaml") if (run / "config.yaml").is_file() else "demo/affinity"

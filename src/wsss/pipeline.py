@@ -104,7 +104,7 @@ def run_chain(
 ) -> dict:
     """One chain (module doc) in OUT; returns the flat summary: `<output>_miou` numbers, `protocols`
     {output: protocol}, `seconds` per stage, `report`, and what ran. `refine`: the train seeds (maps saved,
-    pseudo/train_maps) refined by PSA's AffinityNet + random walk (`wsss.postprocess.affinity.refine`,
+    pseudo/train_maps) refined by PSA's AffinityNet + random walk (`wsss.engine.refine.refine`,
     `refine_config` or the config's `pipeline.refine`, else demo/affinity; its run in refine/affinity, the
     masks in refine/train, the walk's background threshold swept on train when it has masks, then the dense
     CRF when `crf`); stage 2 then trains on the refined masks."""
@@ -224,7 +224,7 @@ def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks
     """`run_chain(refine=True)`'s two stages: the seeds with their maps, then `refine` (module doc). Returns
     the OUTPUTS key stage 2 trains on."""
     from wsss.engine.pseudo_masks import pseudo_label
-    from wsss.postprocess.affinity import refine
+    from wsss.engine.refine import refine
 
     seeds = out / "pseudo" / "train_maps"
     stages("seeds_maps", seeds, f"seeds on {split} with their maps saved: what the random walk propagates",
