@@ -57,6 +57,23 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------------ images
 
 
+def claim_settings(path: str | Path, settings: dict, what: str = "masks") -> None:
+    """Write `settings` to PATH (a folder's settings file), or refuse with a ConfigError when PATH holds
+    others: resuming into a folder is only safe with the settings that made what it holds, so outputs of
+    two configurations never mix in one folder."""
+    from wsss.errors import ConfigError
+
+    path = Path(path)
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ConfigError(f"{path.parent}: holds {what} made with other settings ({', '.join(diff)} differ; "
+                              f"see {path.name}); choose another --out or delete the folder")
+    else:
+        atomic_write_json(path, settings)
+
+
 def read_image(path: str | Path) -> Image.Image:
     """An RGB image; EXIF orientation applied; grayscale, CMYK, RGBA, palette and 16-bit converted."""
     path = Path(path)

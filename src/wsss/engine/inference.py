@@ -225,7 +225,7 @@ def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False, s
     """A ConfusionMatrix of pseudo masks (GT tags, no CRF) over `indices` of a dataset with masks: the
     trainer's val metric. The caller all-reduces it under DDP (each rank passes its shard). A bad sample
     is a DataError, or with `skipped` given (data.skip_bad), left out and its message appended there."""
-    from wsss.evaluation.metrics import ConfusionMatrix
+    from wsss.evaluation.metrics import ConfusionMatrix, mask_tensor
 
     cm = ConfusionMatrix(dataset.num_classes, device=next(method.parameters()).device)  # NCCL reduces on GPU
     tf = eval_transform(cfg)
@@ -240,13 +240,8 @@ def evaluate_seeds(method, dataset, cfg, indices=None, progress: bool = False, s
             continue
         x = tf(sample, dataset.num_classes)["image"]
         keep, probs = seed_probs(method, x, sample.tags, cfg.infer, (sample.image.height, sample.image.width))
-        cm.update(torch.from_numpy(seed_mask(keep, probs)), _tensor(sample.mask))
+        cm.update(torch.from_numpy(seed_mask(keep, probs)), mask_tensor(sample.mask))
     return cm
-
-
-def _tensor(mask) -> torch.Tensor:
-    """A (possibly read-only) uint8 mask as a tensor; the copy keeps torch from warning about it."""
-    return torch.from_numpy(np.array(mask, dtype=np.uint8))
 
 
 def _progress(it, enabled: bool, desc: str, total=None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from wsss.data.base import checked_sample
 from wsss.diagnostics import MaskStats
 from wsss.engine.inference import (
     _progress,
-    _tensor,
     _threshold_mask,
     crf_channels,
     eval_transform,
@@ -31,7 +29,8 @@ from wsss.engine.inference import (
     seed_probs,
 )
 from wsss.errors import ConfigError, DataError
-from wsss.io import atomic_write_bytes, atomic_write_json, read_mask, write_mask
+from wsss.evaluation.metrics import mask_tensor
+from wsss.io import atomic_write_bytes, atomic_write_json, claim_settings, read_mask, write_mask
 
 # ------------------------------------------------------------------------------------------ pseudo masks
 
@@ -95,25 +94,11 @@ def crf_pool(crf_cfg):
     return CRFPool(crf_cfg.workers)
 
 
-def _metrics(cm, class_names) -> dict:
-    """The `wsss evaluate` JSON shape: miou, per_class {name: {iou, precision, recall}}, pixel_accuracy."""
-    res = cm.compute()
-    per_class = {n: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
-                 for c, n in enumerate(class_names)}
-    return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
-
-
 def _check_settings(path: Path, settings: dict) -> None:
-    """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch."""
-    settings = {**settings, "crf_config": {k: v for k, v in (settings["crf_config"] or {}).items() if k != "workers"}}
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise ConfigError(f"{path.parent}: holds pseudo masks made with other settings ({', '.join(diff)} differ); "
-                              "choose another --out or delete the folder")
-    else:
-        atomic_write_json(path, settings)
+    """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch (the
+    CRF's worker count changes no mask, so it may differ)."""
+    crf_config = {k: v for k, v in (settings["crf_config"] or {}).items() if k != "workers"}
+    claim_settings(path, {**settings, "crf_config": crf_config}, "pseudo masks")
 
 
 def pseudo_label(
@@ -227,7 +212,7 @@ def pseudo_label(
         write_mask(out_dir / f"{id_}.png", pred)
         diag.add(pred)
         if cm is not None:
-            cm.update(torch.from_numpy(pred), _tensor(gt))
+            cm.update(torch.from_numpy(pred), mask_tensor(gt))
 
     def work():
         """Handles every image; yields the CRF jobs (id, rgb, probs) for the pool."""
@@ -242,13 +227,13 @@ def pseudo_label(
                 if "pred" in item:  # finished by an earlier run
                     diag.add(item["pred"])
                     if cm is not None:
-                        cm.update(_tensor(item["pred"]), _tensor(gt))
+                        cm.update(mask_tensor(item["pred"]), mask_tensor(gt))
                     continue
                 computed += 1
                 keep, probs = seed_probs(method, item["image"], None if predicted_tags else item["tags"],
                                          cfg.infer, item["size"])
                 if sweep_cm is not None:
-                    gt_t = _tensor(gt)
+                    gt_t = mask_tensor(gt)
                     for t in sweep:
                         sweep_cm.update(t, _threshold_mask(keep, probs, t).cpu(), gt_t)
                     continue
@@ -283,7 +268,7 @@ def pseudo_label(
             "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {split}"},
         })
     else:  # the metric with masks; the diagnostics always
-        summary = {**(_metrics(cm, ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
+        summary = {**(cm.as_json(ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
                    "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
                    **({"skipped": skipped} if skipped else {}), "protocol": proto,
                    "diagnostics": diag.summary(has_background=bool(method.has_background) or not method.uses_tags)}

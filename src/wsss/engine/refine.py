@@ -24,21 +24,9 @@ import torch
 from wsss.config import Config
 from wsss.data.base import SegmentationDataset
 from wsss.errors import ConfigError, DataError
-from wsss.io import atomic_write_json, read_mask, write_mask
+from wsss.evaluation.metrics import mask_tensor
+from wsss.io import atomic_write_json, claim_settings, read_mask, write_mask
 from wsss.postprocess.affinity import confident_labels, load_maps, walk_maps, walk_to_mask
-
-
-def _check_settings(path: Path, settings: dict, what: str = "masks") -> None:
-    """Write `settings` to PATH, or refuse (ConfigError) when PATH holds others: outputs of two
-    configurations never mix in one folder."""
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise ConfigError(f"{path.parent}: holds {what} made with other settings ({', '.join(diff)} differ; "
-                              f"see {path.name}); choose another folder or delete it")
-    else:
-        atomic_write_json(path, settings)
 
 
 def _trained(run: Path, epochs: int) -> bool:
@@ -142,7 +130,7 @@ def _confident_label_step(job: _Refinement) -> list[int]:
     a, labels = job.cfg.method, job.run / "labels"
     labels.mkdir(parents=True, exist_ok=True)
     crf_settings = dataclasses.asdict(job.cfg.infer.crf) if a.crf else None
-    _check_settings(job.run / "labels.json", {"seeds": str(job.seeds.resolve()), "alphas": job.alphas,
+    claim_settings(job.run / "labels.json", {"seeds": str(job.seeds.resolve()), "alphas": job.alphas,
                                               "crf": crf_settings}, "confident labels")
     train_ids = []
     for i, id_ in enumerate(job.ds.ids):
@@ -195,7 +183,7 @@ def _walk_step(job: _Refinement, walk_settings: dict, device: str) -> tuple[int,
     out, ds = job.out, job.ds
     out.mkdir(parents=True, exist_ok=True)
     write_env(out)
-    _check_settings(out / "walk.json", walk_settings, "walks")
+    claim_settings(out / "walk.json", walk_settings, "walks")
     (out / "walk").mkdir(exist_ok=True)
     tf = eval_transform(job.cfg)
     dev = resolve_device(device)
@@ -238,7 +226,6 @@ def _threshold_step(job: _Refinement, usable: list[int], sweep_thresholds: list[
 def _sweep_threshold(job: _Refinement, usable: list[int], thresholds: list[float]) -> _Threshold:
     """The threshold of the best mIoU on the split's masks, from the cached walks and without the CRF;
     OUT/sweep.json holds every threshold's mIoU."""
-    from wsss.engine.inference import _tensor
     from wsss.evaluation.metrics import MultiConfusion
 
     mc = MultiConfusion(job.ds.num_classes, thresholds)
@@ -250,9 +237,9 @@ def _sweep_threshold(job: _Refinement, usable: list[int], thresholds: list[float
             continue
         if gt is None:
             continue
-        g = _tensor(gt)
+        g = mask_tensor(gt)
         for t in thresholds:
-            mc.update(t, _tensor(walk_to_mask(walked, classes, job.cfg.method, gt.shape, t)), g)
+            mc.update(t, mask_tensor(walk_to_mask(walked, classes, job.cfg.method, gt.shape, t)), g)
     best, res = mc.best()
     table = {f"{t:g}": mc[t].compute()["miou"] for t in thresholds}
     threshold = _Threshold(float(best), f"swept on {job.split}", table)
@@ -276,8 +263,6 @@ def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, c
     """Step 4's masks: OUT/<id>.png from each cached walk (one present is read back, not redone), scored
     against the split's masks when it has them. (masks written, metrics ({} without masks), diagnostics)."""
     from wsss.diagnostics import MaskStats
-    from wsss.engine.inference import _tensor
-    from wsss.engine.pseudo_masks import _metrics
     from wsss.evaluation.metrics import ConfusionMatrix
 
     cfg, ds = job.cfg, job.ds
@@ -302,8 +287,8 @@ def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, c
             continue
         diag.add(pred)
         if cm is not None and gt is not None:
-            cm.update(_tensor(pred), _tensor(gt))
-    metrics = _metrics(cm, ds.class_names) if cm is not None else {}
+            cm.update(mask_tensor(pred), mask_tensor(gt))
+    metrics = cm.as_json(ds.class_names) if cm is not None else {}
     return written, metrics, diag.summary("refined masks")
 
 
@@ -369,7 +354,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     computed, usable = _walk_step(job, walk_settings, device)
     threshold = _threshold_step(job, usable, sweep_thresholds)
     crf_name, mask_crf = _mask_crf_settings(cfg, crf)
-    _check_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold.value,
+    claim_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold.value,
                                           "bg_threshold_chosen": threshold.chosen, **mask_crf})
     written, metrics, diagnostics = _write_masks(job, usable, threshold.value, crf)
     summary = _write_summary(job, threshold, crf_name, metrics, diagnostics)

@@ -62,15 +62,8 @@ def evaluate_dir(
     cm = ConfusionMatrix(ds.num_classes)
     for pred, gt in _ordered_map(load, range(len(ds.ids)), num_workers):
         cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
-    res = cm.compute()
-    per_class = {
-        name: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
-        for c, name in enumerate(ds.class_names)
-    }
     return {
-        "miou": res["miou"],
-        "per_class": per_class,
-        "pixel_accuracy": res["pixel_accuracy"],
+        **cm.as_json(ds.class_names),
         "num_images": len(ds.ids),
         "split": split,
         "pred_dir": str(pred_dir),

@@ -14,6 +14,13 @@ import torch
 IGNORE_INDEX = 255
 
 
+def mask_tensor(mask) -> torch.Tensor:
+    """A (possibly read-only) uint8 mask as a tensor for `update`; the copy keeps torch from warning."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(mask, dtype=np.uint8))
+
+
 class ConfusionMatrix:
     """Rows: ground-truth class; columns: predicted class, plus one "wrong" column for predictions that
     are no class at all (255, out of range). A gt of 255 is ignored."""
@@ -53,6 +60,14 @@ class ConfusionMatrix:
                 f" {IGNORE_INDEX} (ignore)"
             )
         self.mat += counts[:n]
+
+    def as_json(self, class_names: Sequence[str]) -> dict:
+        """The shape every mIoU file of wsss has (`wsss evaluate`, summary.json): miou, per_class {name: {iou,
+        precision, recall}} (None where undefined), pixel_accuracy."""
+        res = self.compute()
+        per_class = {n: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
+                     for c, n in enumerate(class_names)}
+        return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
 
     def __iadd__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         self.mat += other.mat.to(self.device)
