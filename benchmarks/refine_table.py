@@ -59,9 +59,16 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
     row = {"family": family, "preset": preset, "refine": name or "as shipped", "seed": seed, "crf": _miou(crf),
            "seeds": _miou(maps), "refined": _miou(refined),
            "threshold": json.loads((refined / "summary.json").read_text())["bg_threshold"]}
-    if segment and preset == "tkp_pcl" and not name:  # family_table's `segment` cell trains on this run's CRF masks
-        row["segment_crf"] = cell(family, "segment", seed, data, work, [])["miou"]
-        seg = work / family / f"segment_refined_s{seed}"
+    if segment and not name:
+        if preset == "tkp_pcl":  # family_table's `segment` cell trains on this run's CRF masks: reuse it
+            row["segment_crf"] = cell(family, "segment", seed, data, work, [])["miou"]
+            seg = work / family / f"segment_refined_s{seed}"
+        else:  # the same stage 2 on the other presets' masks, in folders named after them
+            seg_crf = work / family / f"segment_crf_{preset}_s{seed}"
+            if not (seg_crf / "pseudo" / "summary.json").exists():
+                stage2(root, crf, seed, seg_crf, [])
+            row["segment_crf"] = _miou(seg_crf / "pseudo")
+            seg = work / family / f"segment_refined_{preset}_s{seed}"
         if not (seg / "pseudo" / "summary.json").exists():
             stage2(root, refined, seed, seg, [])
         row["segment_refined"] = _miou(seg / "pseudo")
@@ -97,7 +104,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("family"))
     ap.add_argument("--work", type=Path, default=Path("runs/family"))
     ap.add_argument("--jobs", type=int, default=1, help="cells at once (each at OMP_NUM_THREADS, default 1)")
-    ap.add_argument("--segment", action="store_true", help="also stage 2 on both masks (tkp_pcl cells)")
+    ap.add_argument("--segment", action="store_true", help="also stage 2 (demo/segment) on both masks")
     ap.add_argument("-o", "--override", action="append", default=[], help="key=value for `wsss refine` alone")
     ap.add_argument("--name", default="", help="suffix of the refine folders (required with -o)")
     args = ap.parse_args()

@@ -286,3 +286,32 @@ def test_refine_table_cell_commands_and_paired_gain(bench, tmp_path, monkeypatch
     assert again == row
     text = rt.table([row, {**row, "seed": 1, "crf": 0.8, "refined": 0.78}])
     assert "| F3 (held out) | `demo/cam_cnn` | x | 0, 1 |" in text and "+1.5 (+5.0, -2.0)" in text
+
+
+def test_refine_table_segment_on_a_cam_preset_trains_stage2_on_both_mask_sets(bench, tmp_path, monkeypatch):
+    """--segment on a preset other than tkp_pcl: stage 2 on the run's CRF masks and on its refined masks, each
+    into a folder named after the preset, and both val scores in the row (read back, not retrained)."""
+    rt = bench("refine_table")
+
+    def fake_wsss(*args, log):
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"miou": 0.7 if "--crf" in args else 0.5, "bg_threshold": 0.4}))
+
+    trained = []
+
+    def fake_stage2(root, masks, seed, run, extra):
+        trained.append((masks.name, run.name))
+        (run / "pseudo").mkdir(parents=True)
+        (run / "pseudo" / "summary.json").write_text(json.dumps({"miou": 0.6 if masks.name == "pseudo_train_crf" else 0.65}))
+
+    monkeypatch.setattr(rt, "make_family", lambda name, data: tmp_path / name)
+    monkeypatch.setattr(rt, "_train", lambda *a: None)
+    monkeypatch.setattr(rt, "_wsss", fake_wsss)
+    monkeypatch.setattr(rt, "stage2", fake_stage2)
+    work = tmp_path / "work"
+    row = rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, True)
+    assert trained == [("pseudo_train_crf", "segment_crf_usage_vit_s2"), ("refine_train", "segment_refined_usage_vit_s2")]
+    assert (row["segment_crf"], row["segment_refined"]) == (0.6, 0.65)
+    assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, True) == row and len(trained) == 2
+    assert "| **0.600** | **0.650** |" in rt.table([row])
