@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = 255
@@ -16,8 +17,6 @@ IGNORE_INDEX = 255
 
 def mask_tensor(mask) -> torch.Tensor:
     """A (possibly read-only) uint8 mask as a tensor for `update`; the copy keeps torch from warning."""
-    import numpy as np
-
     return torch.from_numpy(np.array(mask, dtype=np.uint8))
 
 
