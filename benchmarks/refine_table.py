@@ -38,6 +38,13 @@ def _miou(folder: Path) -> float:
     return json.loads((folder / "summary.json").read_text())["miou"]
 
 
+def _stage2_miou(root: Path, masks: Path, seed: int, run: Path) -> float:
+    """Val mIoU of `demo/segment` trained on MASKS into RUN (trained once, read back after)."""
+    if not (run / "pseudo" / "summary.json").exists():
+        stage2(root, masks, seed, run, [])
+    return _miou(run / "pseudo")
+
+
 def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, segment: bool,
                 overrides: list[str] = (), name: str = "") -> dict:
     """One (family, preset, seed). `overrides` go to `wsss refine` alone, into RUN/refine_affinity_NAME and
@@ -62,16 +69,11 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
     if segment and not name:
         if preset == "tkp_pcl":  # family_table's `segment` cell trains on this run's CRF masks: reuse it
             row["segment_crf"] = cell(family, "segment", seed, data, work, [])["miou"]
-            seg = work / family / f"segment_refined_s{seed}"
+            row["segment_refined"] = _stage2_miou(root, refined, seed, work / family / f"segment_refined_s{seed}")
         else:  # the same stage 2 on the other presets' masks, in folders named after them
-            seg_crf = work / family / f"segment_crf_{preset}_s{seed}"
-            if not (seg_crf / "pseudo" / "summary.json").exists():
-                stage2(root, crf, seed, seg_crf, [])
-            row["segment_crf"] = _miou(seg_crf / "pseudo")
-            seg = work / family / f"segment_refined_{preset}_s{seed}"
-        if not (seg / "pseudo" / "summary.json").exists():
-            stage2(root, refined, seed, seg, [])
-        row["segment_refined"] = _miou(seg / "pseudo")
+            row["segment_crf"] = _stage2_miou(root, crf, seed, work / family / f"segment_crf_{preset}_s{seed}")
+            row["segment_refined"] = _stage2_miou(root, refined, seed,
+                                                  work / family / f"segment_refined_{preset}_s{seed}")
     return row
 
 

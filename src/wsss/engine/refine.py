@@ -13,6 +13,7 @@ The graph math (pairs, walk, labels) lives in `wsss.postprocess.affinity`; this 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -24,23 +25,24 @@ import torch
 from wsss.config import Config
 from wsss.data.base import SegmentationDataset
 from wsss.errors import ConfigError, DataError
-from wsss.evaluation.metrics import mask_tensor
-from wsss.io import atomic_write_json, claim_settings, read_mask, write_mask
+from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion, mask_tensor
+from wsss.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    claim_settings,
+    load_checkpoint,
+    read_mask,
+    write_mask,
+)
 from wsss.postprocess.affinity import confident_labels, load_maps, walk_maps, walk_to_mask
 
 
 def _trained(run: Path, epochs: int) -> bool:
-    from wsss.io import load_checkpoint
-
     last = run / "last.pt"
     return last.is_file() and int(load_checkpoint(last).get("epoch", -1)) >= epochs
 
 
 def _save_walk(path: Path, classes: list[int], walked: torch.Tensor) -> None:
-    import io
-
-    from wsss.io import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, walked=walked.numpy().astype(np.float32), classes=np.asarray(classes, dtype=np.int16))
     atomic_write_bytes(path, buf.getvalue())
@@ -226,7 +228,6 @@ def _threshold_step(job: _Refinement, usable: list[int], sweep_thresholds: list[
 def _sweep_threshold(job: _Refinement, usable: list[int], thresholds: list[float]) -> _Threshold:
     """The threshold of the best mIoU on the split's masks, from the cached walks and without the CRF;
     OUT/sweep.json holds every threshold's mIoU."""
-    from wsss.evaluation.metrics import MultiConfusion
 
     mc = MultiConfusion(job.ds.num_classes, thresholds)
     for i in usable:
@@ -263,7 +264,6 @@ def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, c
     """Step 4's masks: OUT/<id>.png from each cached walk (one present is read back, not redone), scored
     against the split's masks when it has them. (masks written, metrics ({} without masks), diagnostics)."""
     from wsss.diagnostics import MaskStats
-    from wsss.evaluation.metrics import ConfusionMatrix
 
     cfg, ds = job.cfg, job.ds
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
