@@ -24,6 +24,7 @@ import torch
 
 from wsss.config import Config
 from wsss.data.base import SegmentationDataset
+from wsss.diagnostics import MaskStats
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion, mask_tensor
 from wsss.io import (
@@ -228,7 +229,6 @@ def _threshold_step(job: _Refinement, usable: list[int], sweep_thresholds: list[
 def _sweep_threshold(job: _Refinement, usable: list[int], thresholds: list[float]) -> _Threshold:
     """The threshold of the best mIoU on the split's masks, from the cached walks and without the CRF;
     OUT/sweep.json holds every threshold's mIoU."""
-
     mc = MultiConfusion(job.ds.num_classes, thresholds)
     for i in usable:
         try:
@@ -263,8 +263,6 @@ def _mask_crf_settings(cfg: Config, crf: bool) -> tuple[str | None, dict]:
 def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, crf: bool) -> tuple[int, dict, dict]:
     """Step 4's masks: OUT/<id>.png from each cached walk (one present is read back, not redone), scored
     against the split's masks when it has them. (masks written, metrics ({} without masks), diagnostics)."""
-    from wsss.diagnostics import MaskStats
-
     cfg, ds = job.cfg, job.ds
     cm = ConfusionMatrix(ds.num_classes) if ds.has_masks else None
     diag = MaskStats()
