@@ -112,7 +112,8 @@ class MapsConfig(FakeConfig):
     name: str = "fake_maps"
     maps: str = "colour"  # colour: the squares' colours (healthy); spot: background in one spot (collapsed);
     # none: class_maps raises NotImplementedError (AffinityNet); blind: colour masks, but the image scores
-    # swapped (the top-scored class is the one not there: a classifier that has not learned the tags)
+    # swapped (the top-scored class is the one not there: a classifier that has not learned the tags);
+    # lagging: swapped in training only (the batches miss the tags, the eval-mode check picks them: F1L)
 
 
 class MapsMethod(FakeMethod):
@@ -146,7 +147,7 @@ class MapsMethod(FakeMethod):
     def image_scores(self, images):  # the squares' colours in both modes: recognised, whatever the masks
         r, g = images[:, 0] - images[:, 1], images[:, 1] - images[:, 0]
         fg = torch.stack([(r > 1.5).float(), (g > 1.5).float()], 1).flatten(2).mean(-1)
-        if self.cfg.maps == "blind":
+        if self.cfg.maps == "blind" or (self.cfg.maps == "lagging" and self.training):
             fg = fg.flip(1)
         return torch.cat([fg, fg.new_zeros((fg.shape[0], self.num_classes - 3))], 1)
 
@@ -237,6 +238,11 @@ def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_pi
     assert log[0]["tag_hit"] == 1.0 and log[0]["recognised"] is True and log[1]["recognised"] is True
     assert load_checkpoint(tmp_path / "seeing" / "last.pt")["recognised"] is True
     assert dg.recognised_summary(log[-1]["masks"]) is True  # checked at the end even without a val pass
+    # the check passes (eval mode), the epoch's batches do not: extends all the same, and says both counts
+    lagging, log = run("lagging", "lagging", extend_unrecognised=2)
+    assert lagging["epochs"] == 6 and log[1]["extended"] is True
+    assert dg.recognised_summary(log[1]["masks"]) is True and not dg.picks_tags(log[1]["tag_hit"], log[1]["tag_chance"])
+    assert f"{log[1]['tag_hit']:.0%} of the last epoch's batches" in capsys.readouterr().err
     off, log = run("off", "blind")  # the default: no extension
     assert off["epochs"] == 2 and "masks" not in log[-1]
     from wsss.config import ConfigError

@@ -109,8 +109,9 @@ class TrainConfig:
     warmup_lr: float = 0.0  # the warm-up starts from this lr (every group), 0: from 0 (timm's warmup_lr)
     min_lr: float = 0.0  # cosine / poly decay to this lr (every group) instead of 0 (timm's min_lr)
     # > 0: when, at the end of the lr schedule, the classifier does not yet pick the train images' tags
-    # (the collapse alarm's check on its fixed train images, wsss.diagnostics: top-scored class a tag
-    # under `extend_gain` of the way from chance to always), training goes on for this many times
+    # (the collapse alarm's check on its fixed train images, wsss.diagnostics, or the last epoch's batches
+    # where the method logs `tag_hit`: top-scored class a tag under `extend_gain` of the way from chance
+    # to always), training goes on for this many times
     # `epochs` more, the lr schedule restarted from its top over that length. A budget that fits the
     # classes stops at `epochs` untouched; classes that take longer to tell apart get (1 + this) x.
     extend_unrecognised: int = 0
