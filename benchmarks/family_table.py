@@ -43,6 +43,9 @@ FAMILIES = {
     # images, more objects overlapping, some clutter, other draws (seed 2)
     "F6": ["--seed", "2", "--num-train", "400", "--num-val", "150", "--size", "256-320", "--object-scale", "0.2-0.4",
            "--objects", "2-5", "--clutter", "3"],
+    # added 2026-12-06 (eleventh session): F1 at issue 21's own size (1,500 train / 300 val), held out
+    "F1L": ["--num-train", "1500", "--num-val", "300", "--size", "128", "--source", "mnist",
+            "--object-scale", "0.3-0.7", "--objects", "1-3"],
 }
 PRESETS = ["vit_pcm", "tkp", "tkp_pcl", "cam_cnn", "usage_cnn", "cam_vit", "usage_vit", "segment"]
 
