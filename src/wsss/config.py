@@ -111,9 +111,9 @@ class TrainConfig:
     # > 0: when, at the end of the lr schedule, the classifier does not yet pick the train images' tags
     # (the collapse alarm's check on its fixed train images, wsss.diagnostics, or the last epoch's batches
     # where the method logs `tag_hit`: top-scored class a tag under `extend_gain` of the way from chance
-    # to always), training goes on for this many times
-    # `epochs` more, the lr schedule restarted from its top over that length. A budget that fits the
-    # classes stops at `epochs` untouched; classes that take longer to tell apart get (1 + this) x.
+    # to always), training goes on for this many times `epochs` more, the lr schedule restarted from its
+    # top over that length. A budget that fits the classes stops at `epochs` untouched; classes that take
+    # longer to tell apart get (1 + this) x.
     extend_unrecognised: int = 0
     extend_gain: float = EXTEND_GAIN  # the bar above; the CAM presets stop at 0.6
     freeze_backbone_epochs: int = 0  # the backbone is frozen for these first epochs
