@@ -230,6 +230,9 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     assert res["protocol"]["stage"] == "refined" and res["protocol"]["bg_threshold"] == 0.39
     assert sorted(p.name for p in (run / "labels").glob("*.png")) == [f"tr{i:02d}.png" for i in range(4)]
     assert (run / "last.pt").is_file() and len(list((out / "walk").glob("*.npz"))) == 4
+    labels = np.concatenate([read_mask(run / "labels" / f"tr{i:02d}.png").ravel() for i in range(4)])
+    assert res["confident_labels"] == {"ignored": round(float((labels == 255).mean()), 4),
+                                       "foreground": round(float(((labels > 0) & (labels < 255)).mean()), 4)}
     for i in range(4):
         mask, gt = read_mask(out / f"tr{i:02d}.png"), read_mask(voc / "SegmentationClass" / f"tr{i:02d}.png")
         assert mask.shape == gt.shape and set(np.unique(mask)) <= {0, 1, 2}
@@ -267,6 +270,24 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     shutil.copytree(seed_dir, other)
     with pytest.raises(ConfigError, match="confident labels"):
         refine(_aff_cfg(voc), run, other, voc, "train", tmp_path / "o3", device="cpu", progress=False)
+
+
+def test_confident_label_shares_count_ignored_and_foreground(tmp_path):
+    from types import SimpleNamespace
+
+    from wsss.engine.refine import _label_shares
+    from wsss.io import write_mask
+
+    (tmp_path / "labels").mkdir()
+    a = np.zeros((4, 5), np.uint8)
+    a[0, :] = IGNORE_INDEX  # 5 ignored
+    a[1, :2] = 3  # 2 foreground
+    b = np.full((2, 10), IGNORE_INDEX, np.uint8)
+    b[0, 0] = 1  # 19 ignored, 1 foreground
+    write_mask(tmp_path / "labels" / "a.png", a)
+    write_mask(tmp_path / "labels" / "b.png", b)
+    job = SimpleNamespace(run=tmp_path, ds=SimpleNamespace(ids=["a", "skipped", "b"]))
+    assert _label_shares(job, [0, 2]) == {"ignored": round(24 / 40, 4), "foreground": round(3 / 40, 4)}
 
 
 def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path):
@@ -370,3 +391,4 @@ def test_wsss_run_with_refine(tmp_path, monkeypatch, capsys):
     assert seg["pseudo_dir"] == str(out / "refine" / "train")  # stage 2 trained on the refined masks
     assert len(list((out / "pseudo" / "train_maps" / "maps").glob("*.npz"))) == 8
     assert "Refined masks" in (out / "run" / "report.html").read_text()
+    assert summary["stage2_masks"] == "refine/train"

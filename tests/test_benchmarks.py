@@ -315,3 +315,32 @@ def test_refine_table_segment_on_a_cam_preset_trains_stage2_on_both_mask_sets(be
     assert (row["segment_crf"], row["segment_refined"]) == (0.6, 0.65)
     assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, True) == row and len(trained) == 2
     assert "| **0.600** | **0.650** |" in rt.table([row])
+
+
+def test_extent_sweep_moves_the_background_decision_and_calibrates_on_the_crf(bench, tmp_path, capsys):
+    """Saved maps of one 1x4 image: background 0.5 everywhere, the tagged class 0.9, 0.6, 0.4, 0.1. At p = 1 the
+    class wins two pixels; at p = 0.5 the background is 0.71 and it wins one, as in the ground truth; the
+    CAM-style threshold at 0.5 gives two. The CRF masks say one pixel, so --calibrate picks p = 0.5."""
+    import numpy as np
+    from PIL import Image
+
+    es = bench("extent_sweep")
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "SegmentationClass").mkdir(parents=True)
+    Image.fromarray(np.array([[2, 0, 0, 0]], np.uint8)).save(data / "SegmentationClass" / "a.png")
+    (run / "classes.json").parent.mkdir()
+    (run / "classes.json").write_text(json.dumps(["background", "x", "y"]))
+    probs = np.array([[[0.5] * 4], [[0.9, 0.6, 0.4, 0.1]]], np.float16)
+    for folder in ("pseudo_maps", "calib_maps"):
+        (run / folder / "maps").mkdir(parents=True)
+        np.savez(run / folder / "maps" / "a.npz", probs=probs, classes=np.array([0, 2], np.int16))
+    (run / "calib_crf").mkdir()
+    Image.fromarray(np.array([[2, 0, 0, 0]], np.uint8)).save(run / "calib_crf" / "a.png")
+
+    res = es.sweep(data, run / "pseudo_maps", "power", [1.0, 0.5])
+    assert res[1.0][1] == 0.5 and res[0.5][1] == 0.25  # foreground share: 2 then 1 of 4 pixels
+    assert res[1.0][0] == pytest.approx((2 / 3 + 1 / 2) / 2) and res[0.5][0] == pytest.approx(1.0)
+    assert es.sweep(data, run / "pseudo_maps", "threshold", [0.5])[0.5][1] == 0.5
+    assert es.calibrated_power(run, [1.0, 0.5]) == 0.5
+    es.main([str(data), str(run / "pseudo_maps"), "--calibrate", "--values", "1", "0.5"])
+    assert "| 0.5 |" in capsys.readouterr().out

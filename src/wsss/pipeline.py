@@ -183,6 +183,7 @@ def run_chain(
         shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in STAGE2_KEYS]
         seg_cfg = load_config(segment_config or cfg.pipeline.segment, [f"data.root={data_root}", *shared])
         pseudo_train = out / OUTPUTS[train_key][1]
+        summary["stage2_masks"] = OUTPUTS[train_key][1]
         stages("segment", seg_dir, "stage 2: a segmentation network trained on the train pseudo masks",
                lambda: train_segmenter(seg_cfg, pseudo_train, seg_dir, resume=(seg_dir / "last.pt").is_file()),
                deps=(train_key,))

@@ -157,6 +157,19 @@ def _confident_label_step(job: _Refinement) -> list[int]:
     return train_ids
 
 
+def _label_shares(job: _Refinement, train_ids: list[int]) -> dict:
+    """The confident labels' pixel shares over the split: ignored (the two alphas disagree) and foreground.
+    Where the seeds are unsure the labels ignore much of the image, and the AffinityNet learns from less;
+    the share is read from the labels on disk, so a resumed run reports the same."""
+    ignored = foreground = total = 0
+    for i in train_ids:
+        m = read_mask(job.run / "labels" / f"{job.ds.ids[i]}.png")
+        ignored += int(np.count_nonzero(m == 255))
+        foreground += int(np.count_nonzero((m > 0) & (m < 255)))
+        total += m.size
+    return {"ignored": round(ignored / max(total, 1), 4), "foreground": round(foreground / max(total, 1), 4)}
+
+
 def _train_step(job: _Refinement, train_ids: list[int], progress: bool) -> None:
     """Step 2: AffinityNet trained on the images' confident labels into RUN, resumed from RUN/last.pt; nothing
     to do once it holds the last epoch."""
@@ -291,7 +304,7 @@ def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, c
 
 
 def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None, metrics: dict,
-                   diagnostics: dict) -> dict:
+                   diagnostics: dict, labels: dict) -> dict:
     """OUT/summary.json: the masks' metrics, threshold, skipped images, protocol and diagnostics (their alarm,
     if any, also on stderr)."""
     proto = {**job.seed_protocol, "split": job.split, "stage": "refined", "alphas": job.alphas,
@@ -299,7 +312,8 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
              "checkpoint": "last (AffinityNet)"}
     summary = {**metrics, "num_images": len(job.ds), "split": job.split, "bg_threshold": threshold.value,
                **({"sweep": threshold.sweep} if threshold.sweep else {}),
-               **({"skipped": job.skipped} if job.skipped else {}), "protocol": proto, "diagnostics": diagnostics}
+               **({"skipped": job.skipped} if job.skipped else {}), "protocol": proto, "diagnostics": diagnostics,
+               "confident_labels": labels}
     if diagnostics["alarm"]:
         print(f"warning: {job.out}: {diagnostics['alarm']}", file=sys.stderr)
     atomic_write_json(job.out / "summary.json", summary)  # no timings: a resumed run writes the same bytes
@@ -347,6 +361,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     # every config check is above, before anything is written or trained; below, each step refuses a folder
     # holding its files made with other settings (labels.json, walk.json, refine.json)
     train_ids = _confident_label_step(job)
+    labels = _label_shares(job, train_ids)
     _train_step(job, train_ids, progress)
     walk_settings = _walk_settings(job)
     computed, usable = _walk_step(job, walk_settings, device)
@@ -355,7 +370,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     claim_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold.value,
                                           "bg_threshold_chosen": threshold.chosen, **mask_crf})
     written, metrics, diagnostics = _write_masks(job, usable, threshold.value, crf)
-    summary = _write_summary(job, threshold, crf_name, metrics, diagnostics)
+    summary = _write_summary(job, threshold, crf_name, metrics, diagnostics, labels)
     result = {"split": split, "num_images": len(ds), "computed": computed, "written": written, "out_dir": str(out)}
     if skipped:
         result["skipped"] = skipped

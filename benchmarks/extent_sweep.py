@@ -1,0 +1,127 @@
+"""Issue 21: how far the patch presets' masks reach, swept at inference without retraining.
+
+The patch presets decide background against a class by the argmax of their max-normalised channels
+(`engine/inference.py`, `seed_probs`). Two ways to move that decision, each one knob, scored here on the
+class maps a run saved (`wsss pseudo-label RUN --data D --split val --out RUN/pseudo_maps --save-maps`):
+
+- `--mode power`: the background channel (in [0, 1]) raised to p; p < 1 lifts it towards 1, so fewer
+  pixels go to a class; p = 1 is the masks as the preset makes them.
+- `--mode threshold`: the background channel ignored, as the CAM presets do: a pixel takes its top tagged
+  class where that class's max-normalised map exceeds t, else the background.
+
+Each setting is scored against the ground truth (val mIoU, the saved tags, no CRF) with the predicted
+foreground share. The maps are read once per run; every setting reuses them.
+
+    python benchmarks/extent_sweep.py DATA RUN/pseudo_maps [RUN2/pseudo_maps ...] --mode power --values 1 0.8 0.6
+    python benchmarks/extent_sweep.py DATA RUN/pseudo_maps ... --mode threshold --values 0.3 0.4 0.5 0.6
+
+One row per run and a mean row; the run's classes come from RUN/classes.json (the folder's parent).
+
+`--calibrate` picks p per run without ground truth: on a few train images the seed masks at each p are
+compared with the same run's dense-CRF masks (`wsss pseudo-label RUN --data SUBSET --split train
+--save-maps --out RUN/calib_maps`, and `--crf --out RUN/calib_crf`), and the p they agree with best
+(mIoU of one against the other) scores val beside p = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from wsss.evaluation.metrics import ConfusionMatrix
+
+
+def masks(probs: torch.Tensor, lut: torch.Tensor, mode: str, value: float) -> torch.Tensor:
+    """Class ids [H, W] from saved maps (channel 0 the background, the others the tags) under one setting."""
+    if mode == "power":
+        return lut[torch.cat([probs[:1].clamp_min(0).pow(value), probs[1:]]).argmax(0)]
+    if len(lut) == 1:  # no tags: all background
+        return torch.zeros(probs.shape[1:], dtype=torch.long)
+    top, arg = probs[1:].max(0)
+    return torch.where(top > value, lut[1:][arg], torch.zeros_like(arg))
+
+
+def sweep(data: Path, maps_dir: Path, mode: str, values: list[float]) -> dict[float, tuple[float, float]]:
+    """{value: (val mIoU, predicted foreground share)} for one run's saved maps."""
+    names = json.loads((maps_dir.parent / "classes.json").read_text())
+    cms = {v: ConfusionMatrix(len(names)) for v in values}
+    fg = dict.fromkeys(values, 0)
+    total = 0
+    files = sorted((maps_dir / "maps").glob("*.npz"))
+    if not files:
+        raise SystemExit(f"{maps_dir}/maps: no saved maps (run pseudo-label with --save-maps)")
+    for path in files:
+        gt_path = data / "SegmentationClass" / f"{path.stem}.png"
+        gt = torch.from_numpy(np.asarray(Image.open(gt_path)).astype(np.int64))
+        with np.load(path) as z:
+            probs = torch.from_numpy(z["probs"].astype(np.float32))
+            lut = torch.from_numpy(z["classes"].astype(np.int64))
+        if probs.shape[1:] != gt.shape:
+            raise SystemExit(
+                f"{path}: maps {tuple(probs.shape[1:])} and {gt_path} {tuple(gt.shape)} differ in size"
+            )
+        total += gt.numel()
+        for v in values:
+            pred = masks(probs, lut, mode, v)
+            cms[v].update(pred, gt)
+            fg[v] += int((pred > 0).sum())
+    return {v: (cms[v].compute()["miou"], fg[v] / total) for v in values}
+
+
+def calibrated_power(run: Path, values: list[float]) -> float:
+    """The p whose seed masks agree best with the run's CRF masks on RUN/calib_maps (no ground truth)."""
+    names = json.loads((run / "classes.json").read_text())
+    cms = {v: ConfusionMatrix(len(names)) for v in values}
+    for path in sorted((run / "calib_maps" / "maps").glob("*.npz")):
+        crf = torch.from_numpy(
+            np.asarray(Image.open(run / "calib_crf" / f"{path.stem}.png")).astype(np.int64)
+        )
+        with np.load(path) as z:
+            probs = torch.from_numpy(z["probs"].astype(np.float32))
+            lut = torch.from_numpy(z["classes"].astype(np.int64))
+        for v in values:
+            cms[v].update(masks(probs, lut, "power", v), crf)
+    agreement = {v: cms[v].compute()["miou"] for v in values}
+    return max(values, key=lambda v: agreement[v])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", type=Path, help="dataset root (VOC layout)")
+    ap.add_argument("maps", type=Path, nargs="+", help="pseudo-label --save-maps folders")
+    ap.add_argument("--mode", choices=("power", "threshold"), default="power")
+    ap.add_argument("--values", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
+    ap.add_argument("--calibrate", action="store_true", help="p per run from its CRF masks (see above)")
+    args = ap.parse_args(argv)
+    if args.calibrate:
+        print("| run | p* (from the CRF) | val mIoU at p=1 (fg) | at p* (fg) | change |")
+        print("|---|---:|---:|---:|---:|")
+        for m in args.maps:
+            best = calibrated_power(m.parent, args.values)
+            res = sweep(args.data, m, "power", sorted({1.0, best}))
+            (a, fa), (b, fb) = res[1.0], res[best]
+            print(
+                f"| {m} | {best:g} | {a:.3f} ({100 * fa:.0f}%) | {b:.3f} ({100 * fb:.0f}%) | {100 * (b - a):+.1f} |"
+            )
+        return
+    rows = {str(m): sweep(args.data, m, args.mode, args.values) for m in args.maps}
+    key = "p" if args.mode == "power" else "t"
+    print("| run | " + " | ".join(f"{key}={v:g}" for v in args.values) + " |")
+    print("|---|" + "---:|" * len(args.values))
+    for name, res in rows.items():
+        print(
+            f"| {name} | "
+            + " | ".join(f"{res[v][0]:.3f} ({100 * res[v][1]:.0f}%)" for v in args.values)
+            + " |"
+        )
+    means = [np.mean([r[v][0] for r in rows.values()]) for v in args.values]
+    print("| mean | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+
+
+if __name__ == "__main__":
+    main()
