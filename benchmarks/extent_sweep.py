@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from wsss.evaluation.metrics import ConfusionMatrix
+from wsss.io import read_mask
+from wsss.postprocess.affinity import load_maps
 
 
 def masks(probs: torch.Tensor, lut: torch.Tensor, mode: str, value: float) -> torch.Tensor:
@@ -46,24 +47,27 @@ def masks(probs: torch.Tensor, lut: torch.Tensor, mode: str, value: float) -> to
     return torch.where(top > value, lut[1:][arg], torch.zeros_like(arg))
 
 
+def _saved(maps_dir: Path, masks_dir: Path):
+    """(id, probs [K, H, W], class ids [K], mask [H, W]) per saved map, the mask read from masks_dir/<id>.png."""
+    files = sorted((maps_dir / "maps").glob("*.npz"))
+    if not files:
+        raise SystemExit(f"{maps_dir}/maps: no saved maps (run pseudo-label with --save-maps)")
+    for path in files:
+        classes, probs = load_maps(path)
+        mask = torch.from_numpy(read_mask(masks_dir / f"{path.stem}.png").astype(np.int64))
+        yield path, torch.from_numpy(probs), torch.tensor(classes), mask
+
+
 def sweep(data: Path, maps_dir: Path, mode: str, values: list[float]) -> dict[float, tuple[float, float]]:
     """{value: (val mIoU, predicted foreground share)} for one run's saved maps."""
     names = json.loads((maps_dir.parent / "classes.json").read_text())
     cms = {v: ConfusionMatrix(len(names)) for v in values}
     fg = dict.fromkeys(values, 0)
     total = 0
-    files = sorted((maps_dir / "maps").glob("*.npz"))
-    if not files:
-        raise SystemExit(f"{maps_dir}/maps: no saved maps (run pseudo-label with --save-maps)")
-    for path in files:
-        gt_path = data / "SegmentationClass" / f"{path.stem}.png"
-        gt = torch.from_numpy(np.asarray(Image.open(gt_path)).astype(np.int64))
-        with np.load(path) as z:
-            probs = torch.from_numpy(z["probs"].astype(np.float32))
-            lut = torch.from_numpy(z["classes"].astype(np.int64))
+    for path, probs, lut, gt in _saved(maps_dir, data / "SegmentationClass"):
         if probs.shape[1:] != gt.shape:
             raise SystemExit(
-                f"{path}: maps {tuple(probs.shape[1:])} and {gt_path} {tuple(gt.shape)} differ in size"
+                f"{path}: maps {tuple(probs.shape[1:])} and its ground truth {tuple(gt.shape)} differ in size"
             )
         total += gt.numel()
         for v in values:
@@ -77,13 +81,7 @@ def calibrated_power(run: Path, values: list[float]) -> float:
     """The p whose seed masks agree best with the run's CRF masks on RUN/calib_maps (no ground truth)."""
     names = json.loads((run / "classes.json").read_text())
     cms = {v: ConfusionMatrix(len(names)) for v in values}
-    for path in sorted((run / "calib_maps" / "maps").glob("*.npz")):
-        crf = torch.from_numpy(
-            np.asarray(Image.open(run / "calib_crf" / f"{path.stem}.png")).astype(np.int64)
-        )
-        with np.load(path) as z:
-            probs = torch.from_numpy(z["probs"].astype(np.float32))
-            lut = torch.from_numpy(z["classes"].astype(np.int64))
+    for _, probs, lut, crf in _saved(run / "calib_maps", run / "calib_crf"):
         for v in values:
             cms[v].update(masks(probs, lut, "power", v), crf)
     agreement = {v: cms[v].compute()["miou"] for v in values}

@@ -158,9 +158,10 @@ def _confident_label_step(job: _Refinement) -> list[int]:
 
 
 def _label_shares(job: _Refinement, train_ids: list[int]) -> dict:
-    """The confident labels' pixel shares over the split: ignored (the two alphas disagree) and foreground.
-    Where the seeds are unsure the labels ignore much of the image, and the AffinityNet learns from less;
-    the share is read from the labels on disk, so a resumed run reports the same."""
+    """The confident labels' pixel shares over the split: ignored (the two alphas disagree) and foreground,
+    read from the labels on disk (a resumed run reports the same). What the AffinityNet learns from; not a
+    verdict: a high share flagged CAM seeds whose walk lost to the CRF, but the fixed alphas of seeds with a
+    background channel ignore a wide band whether the walk pays or not (RESULTS.md, "Affinity refinement")."""
     ignored = foreground = total = 0
     for i in train_ids:
         m = read_mask(job.run / "labels" / f"{job.ds.ids[i]}.png")
