@@ -32,30 +32,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsss.engine.inference import _threshold_mask, seed_mask
 from wsss.evaluation.metrics import ConfusionMatrix
 from wsss.io import read_mask
 from wsss.postprocess.affinity import load_maps
 
 
-def masks(probs: torch.Tensor, lut: torch.Tensor, mode: str, value: float) -> torch.Tensor:
-    """Class ids [H, W] from saved maps (channel 0 the background, the others the tags) under one setting."""
+def masks(probs: torch.Tensor, keep: list[int], mode: str, value: float) -> torch.Tensor:
+    """Class ids [H, W] from saved maps (channel 0 the background, the others the tags) under one setting:
+    the engine's own argmax (`seed_mask`) and threshold (`_threshold_mask`, as `--sweep-threshold` cuts)."""
     if mode == "power":
-        return lut[torch.cat([probs[:1].clamp_min(0).pow(value), probs[1:]]).argmax(0)]
-    if len(lut) == 1:  # no tags: all background
-        return torch.zeros(probs.shape[1:], dtype=torch.long)
-    top, arg = probs[1:].max(0)
-    return torch.where(top > value, lut[1:][arg], torch.zeros_like(arg))
+        return torch.from_numpy(seed_mask(keep, torch.cat([probs[:1].clamp_min(0).pow(value), probs[1:]])))
+    return _threshold_mask(keep, probs, value)
 
 
 def _saved(maps_dir: Path, masks_dir: Path):
-    """(id, probs [K, H, W], class ids [K], mask [H, W]) per saved map, the mask read from masks_dir/<id>.png."""
+    """(path, probs [K, H, W], kept class ids, mask [H, W]) per saved map, the mask from masks_dir/<id>.png."""
     files = sorted((maps_dir / "maps").glob("*.npz"))
     if not files:
         raise SystemExit(f"{maps_dir}/maps: no saved maps (run pseudo-label with --save-maps)")
     for path in files:
         classes, probs = load_maps(path)
         mask = torch.from_numpy(read_mask(masks_dir / f"{path.stem}.png").astype(np.int64))
-        yield path, torch.from_numpy(probs), torch.tensor(classes), mask
+        yield path, torch.from_numpy(probs), classes, mask
 
 
 def sweep(data: Path, maps_dir: Path, mode: str, values: list[float]) -> dict[float, tuple[float, float]]:
@@ -64,14 +63,14 @@ def sweep(data: Path, maps_dir: Path, mode: str, values: list[float]) -> dict[fl
     cms = {v: ConfusionMatrix(len(names)) for v in values}
     fg = dict.fromkeys(values, 0)
     total = 0
-    for path, probs, lut, gt in _saved(maps_dir, data / "SegmentationClass"):
+    for path, probs, keep, gt in _saved(maps_dir, data / "SegmentationClass"):
         if probs.shape[1:] != gt.shape:
             raise SystemExit(
                 f"{path}: maps {tuple(probs.shape[1:])} and its ground truth {tuple(gt.shape)} differ in size"
             )
         total += gt.numel()
         for v in values:
-            pred = masks(probs, lut, mode, v)
+            pred = masks(probs, keep, mode, v)
             cms[v].update(pred, gt)
             fg[v] += int((pred > 0).sum())
     return {v: (cms[v].compute()["miou"], fg[v] / total) for v in values}
@@ -81,9 +80,9 @@ def calibrated_power(run: Path, values: list[float]) -> float:
     """The p whose seed masks agree best with the run's CRF masks on RUN/calib_maps (no ground truth)."""
     names = json.loads((run / "classes.json").read_text())
     cms = {v: ConfusionMatrix(len(names)) for v in values}
-    for _, probs, lut, crf in _saved(run / "calib_maps", run / "calib_crf"):
+    for _, probs, keep, crf in _saved(run / "calib_maps", run / "calib_crf"):
         for v in values:
-            cms[v].update(masks(probs, lut, "power", v), crf)
+            cms[v].update(masks(probs, keep, "power", v), crf)
     agreement = {v: cms[v].compute()["miou"] for v in values}
     return max(values, key=lambda v: agreement[v])
 

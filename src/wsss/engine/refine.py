@@ -28,6 +28,7 @@ from wsss.diagnostics import MaskStats
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion, mask_tensor
 from wsss.io import (
+    IGNORE_INDEX,
     atomic_write_bytes,
     atomic_write_json,
     claim_settings,
@@ -165,8 +166,8 @@ def _label_shares(job: _Refinement, train_ids: list[int]) -> dict:
     ignored = foreground = total = 0
     for i in train_ids:
         m = read_mask(job.run / "labels" / f"{job.ds.ids[i]}.png")
-        ignored += int(np.count_nonzero(m == 255))
-        foreground += int(np.count_nonzero((m > 0) & (m < 255)))
+        ignored += int(np.count_nonzero(m == IGNORE_INDEX))
+        foreground += int(np.count_nonzero((m > 0) & (m != IGNORE_INDEX)))
         total += m.size
     return {"ignored": round(ignored / max(total, 1), 4), "foreground": round(foreground / max(total, 1), 4)}
 

@@ -201,8 +201,8 @@ def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bo
     # The batches ask the same question of every train image (augmented, over the epoch), the check of 32.
     # On the ten-digit data (F1L, RESULTS.md "Transfer") the check passed at 87.5% while the last
     # epoch's batches stood at 79% (bar 84%), and the 12 epochs more took val from 0.248 to 0.397.
-    batches = (picks_tags(record["tag_hit"], record["tag_chance"], cfg.train.extend_gain)
-               if "tag_hit" in record else None)
+    logged = "tag_hit" in record
+    batches = picks_tags(record["tag_hit"], record["tag_chance"], cfg.train.extend_gain) if logged else None
     if checked is not False and batches is not False:
         return False
     record["extended"] = True
@@ -210,8 +210,8 @@ def _extend(cfg, method, train_raw, info, record: dict, cycles: list[int]) -> bo
     if info.is_main:
         counts = [f"{masks['top_hit_rate']:.0%} of {masks['images']} train images (chance "
                   f"{masks['top_hit_chance']:.0%})"] if "top_hit_rate" in masks else []
-        counts += [f"{record['tag_hit']:.0%} of the last epoch's batches (chance {record['tag_chance']:.0%})"] \
-            if "tag_hit" in record else []
+        if logged:
+            counts.append(f"{record['tag_hit']:.0%} of the last epoch's batches (chance {record['tag_chance']:.0%})")
         print(f"note: epoch {record['epoch']}: the classifier does not pick the tags yet (top class a tag in "
               f"{' and '.join(counts)}): "
               f"{more} more epochs, the lr schedule restarted (train.extend_unrecognised: "
