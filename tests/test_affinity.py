@@ -14,13 +14,14 @@ from wsss.config import CRFConfig, config_from_dict, load_config, save_config
 from wsss.engine.pseudo_masks import pseudo_label
 from wsss.engine.refine import refine
 from wsss.engine.trainer import train
-from wsss.errors import ConfigError
-from wsss.io import IGNORE_INDEX, read_mask
-from wsss.methods.affinity import AffinityConfig, crossing_alpha, seed_alphas
+from wsss.errors import ConfigError, DataError
+from wsss.io import IGNORE_INDEX, read_mask, write_mask
+from wsss.methods.affinity import AffinityConfig, check_config, crossing_alpha, merge_mode, seed_alphas
 from wsss.postprocess.affinity import (
     affinity_loss,
     confident_labels,
     disk_offsets,
+    fill_background,
     propagate,
     random_walk,
     transition,
@@ -270,6 +271,64 @@ def test_refine_end_to_end_and_resume(seeds, tmp_path):
     shutil.copytree(seed_dir, other)
     with pytest.raises(ConfigError, match="confident labels"):
         refine(_aff_cfg(voc), run, other, voc, "train", tmp_path / "o3", device="cpu", progress=False)
+
+
+def test_fill_background_keeps_the_crf_foreground():
+    crf = np.array([[0, 0, 2, 2], [0, 1, 1, 255]], np.uint8)
+    walk = np.array([[3, 0, 1, 0], [1, 3, 0, 0]], np.uint8)
+    # the CRF's classes (and its 255) stay where it drew them; its background takes the walk's label
+    assert fill_background(crf, walk).tolist() == [[3, 0, 2, 2], [1, 1, 1, 255]]
+    with pytest.raises(ValueError, match="differ in size"):
+        fill_background(crf, walk[:, :3])
+
+
+def test_merge_mode_fills_only_threshold_seeds_with_crf_masks():
+    cfg = AffinityConfig(merge="auto")
+    assert merge_mode(cfg, 0.6, crf_masks=True) == "fill"  # CAM seeds, CRF masks given
+    assert merge_mode(cfg, None, crf_masks=True) == "walk"  # a background channel: its CRF masks over-cover
+    assert merge_mode(cfg, 0.6, crf_masks=False) == "walk"  # nothing to keep
+    assert merge_mode(AffinityConfig(merge="walk"), 0.6, crf_masks=True) == "walk"
+    with pytest.raises(ConfigError, match="--crf-masks"):
+        merge_mode(AffinityConfig(merge="fill"), None, crf_masks=False)
+    with pytest.raises(ConfigError, match="method.merge"):
+        check_config(AffinityConfig(merge="union"))
+
+
+def test_refine_fill_keeps_the_crf_masks_foreground(seeds, tmp_path):
+    """merge fill over the seeds' CRF masks: every mask is `fill_background(crf, walk-only mask)` from the
+    same walks; the protocol names the merge; an image without a CRF mask is named (and skipped with
+    skip_bad)."""
+    voc, seed_dir = seeds
+    run, walk_only = tmp_path / "aff", tmp_path / "walk_only"
+    refine(_aff_cfg(voc), run, seed_dir, voc, "train", walk_only, device="cpu", progress=False)
+    crf_dir = tmp_path / "crf_masks"  # stand-in CRF masks: each image's left half class 1, the rest background
+    crf_dir.mkdir()
+    for p in sorted(walk_only.glob("tr*.png")):
+        m = np.zeros_like(read_mask(p))
+        m[:, : m.shape[1] // 2] = 1
+        write_mask(crf_dir / p.name, m)
+    cfg = _aff_cfg(voc)
+    cfg.method.merge = "fill"
+    filled = tmp_path / "filled"
+    shutil.copytree(walk_only / "walk", filled / "walk")
+    shutil.copy(walk_only / "walk.json", filled / "walk.json")  # the merge is a step-4 setting: walks reused
+    res = refine(cfg, run, seed_dir, voc, "train", filled, device="cpu", progress=False, crf_masks=crf_dir)
+    assert res["computed"] == 0 and res["written"] == 4
+    assert res["protocol"]["merge"] == "fill" and res["protocol"]["crf_masks"] == str(crf_dir)
+    for p in sorted(walk_only.glob("tr*.png")):
+        expected = fill_background(read_mask(crf_dir / p.name), read_mask(p))
+        assert np.array_equal(read_mask(filled / p.name), expected), p.name
+    assert json.loads((filled / "refine.json").read_text())["merge"] == "fill"
+    with pytest.raises(ConfigError, match="--crf-masks"):  # fill without CRF masks: refused before any step
+        refine(cfg, run, seed_dir, voc, "train", tmp_path / "none", device="cpu", progress=False)
+    assert not (tmp_path / "none").exists()
+
+    (crf_dir / "tr02.png").unlink()
+    with pytest.raises(DataError, match="tr02.png"):
+        refine(cfg, run, seed_dir, voc, "train", tmp_path / "gap", device="cpu", progress=False, crf_masks=crf_dir)
+    res = refine(cfg, run, seed_dir, voc, "train", tmp_path / "gap2", device="cpu", progress=False,
+                 crf_masks=crf_dir, skip_bad=True)
+    assert any("tr02.png" in s for s in res["skipped"]) and not (tmp_path / "gap2" / "tr02.png").exists()
 
 
 def test_confident_label_shares_count_ignored_and_foreground(tmp_path):

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -257,64 +258,95 @@ def test_extension_pairs_reads_the_deciding_check_and_compares_both_weights(benc
     assert rows == ["| F4/cam_vit_s1 | 75% (25%) | 0.67 | 0.250 (20%) | 0.200 (40%) | -5.0 |"]
 
 
+def _one_image_family(root):
+    """A family root with one 1x4 ground-truth mask, a.png: [[2, 1, 1, 0]]."""
+    from wsss.io import write_mask
+
+    (root / "SegmentationClass").mkdir(parents=True)
+    write_mask(root / "SegmentationClass" / "a.png", np.array([[2, 1, 1, 0]], np.uint8))
+
+
+def _fake_masks(out, miou, mask):
+    """What a `wsss pseudo-label` / `refine` call leaves: OUT/a.png and a summary naming three classes."""
+    from wsss.io import write_mask
+
+    out.mkdir(parents=True)
+    write_mask(out / "a.png", np.array(mask, np.uint8))
+    per_class = dict.fromkeys(["background", "one", "two"], {})
+    (out / "summary.json").write_text(json.dumps({"miou": miou, "bg_threshold": 0.4, "per_class": per_class}))
+
+
 def test_refine_table_cell_commands_and_paired_gain(bench, tmp_path, monkeypatch):
     """A refine cell runs the CRF masks, the seed maps and `wsss refine` on the family table's stage-1 run
     (overrides and the named folders only with --name), then reads them back without rerunning; the table
     gives the paired refined - CRF difference of each seed."""
     rt = bench("refine_table")
     calls = []
+    _one_image_family(tmp_path / "F3")
 
     def fake_wsss(*args, log):
         calls.append(args)
         out = Path(args[args.index("--out") + 1])
-        out.mkdir(parents=True)
         miou = {"pseudo-label": 0.7 if "--crf" in args else 0.5, "refine": 0.75}[args[0]]
-        (out / "summary.json").write_text(json.dumps({"miou": miou, "bg_threshold": 0.4}))
+        _fake_masks(out, miou, [[2, 2, 0, 0]] if args[0] == "refine" else [[0, 1, 1, 0]])
 
     monkeypatch.setattr(rt, "make_family", lambda name, data: tmp_path / name)
     monkeypatch.setattr(rt, "_train", lambda *a: None)
     monkeypatch.setattr(rt, "_wsss", fake_wsss)
     work = tmp_path / "work"
-    row = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, False, ["method.alpha_crossings=[1,0.5]"], "x")
+    row = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, (), ["method.alpha_crossings=[1,0.5]"], "x")
     assert [c[0] for c in calls] == ["pseudo-label", "pseudo-label", "refine"]
     refine_call = calls[2]
     assert refine_call[1] == str(work / "F3" / "cam_cnn_s0" / "refine_affinity_x")
     assert "method.alpha_crossings=[1,0.5]" in refine_call and "train.seed=0" in refine_call
     assert (row["crf"], row["seeds"], row["refined"], row["refine"]) == (0.7, 0.5, 0.75, "x")
+    # fill: the CRF's class 1 kept on its two pixels, the walk's class 2 on the CRF's background where it
+    # says so, the ground truth exactly (the walk alone, [[2, 2, 0, 0]], and the CRF alone each miss a part)
+    from wsss.io import read_mask
+
+    fill = work / "F3" / "cam_cnn_s0" / "refine_train_x_fill"
+    assert read_mask(fill / "a.png").tolist() == [[2, 1, 1, 0]] and row["fill"] == pytest.approx(1.0)
+    disagree = json.loads((fill / "summary.json").read_text())["crf_foreground_disagreements"]
+    assert disagree == {"walk_background": {"pixels": 1, "crf_right": 1.0}, "walk_other_class": {"pixels": 1, "crf_right": 1.0}}
     monkeypatch.setattr(rt, "_wsss", lambda *a, **k: pytest.fail("a finished cell must not be rerun"))
-    again = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, False, ["method.alpha_crossings=[1,0.5]"], "x")
+    again = rt.refine_cell("F3", "cam_cnn", 0, tmp_path, work, (), ["method.alpha_crossings=[1,0.5]"], "x")
     assert again == row
-    text = rt.table([row, {**row, "seed": 1, "crf": 0.8, "refined": 0.78}])
+    text = rt.table([row, {**row, "seed": 1, "crf": 0.8, "refined": 0.78, "fill": 0.9}])
     assert "| F3 (held out) | `demo/cam_cnn` | x | 0, 1 |" in text and "+1.5 (+5.0, -2.0)" in text
+    assert "+20.0 (+30.0, +10.0)" in text
 
 
 def test_refine_table_segment_on_a_cam_preset_trains_stage2_on_both_mask_sets(bench, tmp_path, monkeypatch):
     """--segment on a preset other than tkp_pcl: stage 2 on the run's CRF masks and on its refined masks, each
     into a folder named after the preset, and both val scores in the row (read back, not retrained)."""
     rt = bench("refine_table")
+    _one_image_family(tmp_path / "F3")
 
     def fake_wsss(*args, log):
         out = Path(args[args.index("--out") + 1])
-        out.mkdir(parents=True)
-        (out / "summary.json").write_text(json.dumps({"miou": 0.7 if "--crf" in args else 0.5, "bg_threshold": 0.4}))
+        _fake_masks(out, 0.7 if "--crf" in args else 0.5, [[0, 1, 1, 0]])
 
     trained = []
 
     def fake_stage2(root, masks, seed, run, extra):
         trained.append((masks.name, run.name))
         (run / "pseudo").mkdir(parents=True)
-        (run / "pseudo" / "summary.json").write_text(json.dumps({"miou": 0.6 if masks.name == "pseudo_train_crf" else 0.65}))
+        miou = {"pseudo_train_crf": 0.6, "refine_train": 0.65}.get(masks.name, 0.7)
+        (run / "pseudo" / "summary.json").write_text(json.dumps({"miou": miou}))
 
     monkeypatch.setattr(rt, "make_family", lambda name, data: tmp_path / name)
     monkeypatch.setattr(rt, "_train", lambda *a: None)
     monkeypatch.setattr(rt, "_wsss", fake_wsss)
     monkeypatch.setattr(rt, "stage2", fake_stage2)
     work = tmp_path / "work"
-    row = rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, True)
-    assert trained == [("pseudo_train_crf", "segment_crf_usage_vit_s2"), ("refine_train", "segment_refined_usage_vit_s2")]
-    assert (row["segment_crf"], row["segment_refined"]) == (0.6, 0.65)
-    assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, True) == row and len(trained) == 2
-    assert "| **0.600** | **0.650** |" in rt.table([row])
+    row = rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, rt.SEGMENT_MASKS)
+    assert trained == [("pseudo_train_crf", "segment_crf_usage_vit_s2"), ("refine_train", "segment_refined_usage_vit_s2"),
+                       ("refine_train_fill", "segment_fill_usage_vit_s2")]
+    assert (row["segment_crf"], row["segment_refined"], row["segment_fill"]) == (0.6, 0.65, 0.7)
+    assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, rt.SEGMENT_MASKS) == row and len(trained) == 3
+    only = rt.refine_cell("F3", "usage_vit", 1, tmp_path, work, ("fill",))  # one mask set asked for: one stage 2
+    assert trained[3:] == [("refine_train_fill", "segment_fill_usage_vit_s1")] and "segment_crf" not in only
+    assert "| **0.600** | **0.650** | **0.700** |" in rt.table([row])
 
 
 def test_extent_sweep_moves_the_background_decision_and_calibrates_on_the_crf(bench, tmp_path, capsys):

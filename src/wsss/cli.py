@@ -284,6 +284,11 @@ def refine(
                      "instead of method.bg_threshold; OUT/sweep.json lists them."),
     ] = None,
     crf: Annotated[bool, typer.Option(help="Dense CRF (infer.crf) on the walked scores, after the threshold.")] = False,
+    crf_masks: Annotated[
+        Path | None,
+        typer.Option(help="The seeds' CRF masks (`wsss pseudo-label RUN --crf`): with method.merge fill (auto: "
+                     "seeds cut at a threshold) they keep their foreground and the walk labels their background."),
+    ] = None,
 ) -> None:
     """Refine seeds with a learned affinity (PSA): confident labels, AffinityNet in RUN, random walk
     (resumable: finished files are skipped)."""
@@ -294,7 +299,7 @@ def refine(
     cfg = load_config(config, overrides)
     sweep = _parse_range(sweep_threshold) if sweep_threshold else None
     summary = run_refine(cfg, run, seeds, data, split, out, device=device, skip_bad=skip_bad, sweep_thresholds=sweep,
-                         crf=crf)
+                         crf=crf, crf_masks=crf_masks)
     typer.echo(json.dumps(_brief(summary), indent=2, default=str))
 
 

@@ -234,10 +234,13 @@ def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks
     folder = out / "refine"
     shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in ("data",)]
     aff_cfg = load_config(refine_config or cfg.pipeline.refine or "demo/affinity", [f"data.root={data_root}", *shared])
+    # with --crf the train CRF masks exist: `merge` fill / auto may keep their foreground
+    crf_masks = out / OUTPUTS["pseudo_train_crf"][1] if crf else None
     res = stages("pseudo_train_refined", folder, f"seeds on {split} refined by AffinityNet + random walk (PSA)",
                  lambda: refine(aff_cfg, folder / "affinity", seeds, data_root, split, folder / "train",
-                                progress=progress, sweep_thresholds=SWEEP if has_masks else None, crf=crf),
-                 deps=("seeds_maps",))
+                                progress=progress, sweep_thresholds=SWEEP if has_masks else None, crf=crf,
+                                crf_masks=crf_masks),
+                 deps=("seeds_maps", "pseudo_train_crf") if crf else ("seeds_maps",))
     record("pseudo_train_refined", res)
     return "pseudo_train_refined"
 

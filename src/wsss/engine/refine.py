@@ -6,7 +6,8 @@ The graph math (pairs, walk, labels) lives in `wsss.postprocess.affinity`; this 
     RUN/labels/<id>.png, RUN/labels.json     step 1, confident labels and the settings they came from
     RUN/last.pt                              step 2, the AffinityNet (the engine trainer)
     OUT/walk/<id>.npz, OUT/walk.json         step 3, walked seed maps at grid resolution
-    OUT/<id>.png, OUT/refine.json            step 4, masks at the background threshold (OUT/sweep.json)
+    OUT/<id>.png, OUT/refine.json            step 4, masks at the background threshold (OUT/sweep.json),
+                                             with `merge: fill` over the seeds' CRF masks (--crf-masks)
     OUT/summary.json                         their metrics, protocol and diagnostics
 """
 
@@ -36,7 +37,7 @@ from wsss.io import (
     read_mask,
     write_mask,
 )
-from wsss.postprocess.affinity import confident_labels, load_maps, walk_maps, walk_to_mask
+from wsss.postprocess.affinity import confident_labels, fill_background, load_maps, walk_maps, walk_to_mask
 
 
 def _trained(run: Path, epochs: int) -> bool:
@@ -67,7 +68,7 @@ def _seed_protocol(seeds: Path) -> dict:
 
 
 # settings of step 4 alone: the walks (step 3) do not depend on them, so one walk serves them all
-_MASK_KEYS = ("bg_threshold", "walk_crf", "walk_crf_confidence")
+_MASK_KEYS = ("bg_threshold", "walk_crf", "walk_crf_confidence", "merge")
 
 
 def _checked_thresholds(thresholds: list[float], method, ds: SegmentationDataset, split: str) -> list[float]:
@@ -97,6 +98,8 @@ class _Refinement:
     skipped: list[str]
     alphas: list[float]  # the confident labels' two background alphas (`seed_alphas`)
     seed_protocol: dict  # the seeds' own protocol (their summary.json), read once
+    merge: str  # 'walk' or 'fill' (`merge_mode`)
+    crf_masks: Path | None  # the seeds' CRF masks, <id>.png, that `fill` keeps
 
     def bad(self, e: DataError) -> None:
         """An unusable image: raise, or with skip_bad warn on stderr, record it and go on without it."""
@@ -116,6 +119,19 @@ class _Refinement:
         classes, walked = _load_walk(self.out / "walk" / f"{self.ds.ids[i]}.npz")
         gt = self.ds.load_mask(i) if self.ds.has_masks else None
         return classes, walked, gt
+
+    def merged(self, i: int, walk_mask: np.ndarray) -> np.ndarray:
+        """Image i's walk mask as step 4 writes it: as it is, or with `fill` over the image's CRF mask."""
+        if self.merge != "fill":
+            return walk_mask
+        path = self.crf_masks / f"{self.ds.ids[i]}.png"
+        if not path.is_file():
+            raise DataError(f"{path}: no CRF mask for this image (method.merge: fill keeps the CRF masks)")
+        crf_mask = read_mask(path)
+        if crf_mask.shape != walk_mask.shape:
+            raise DataError(f"{path}: CRF mask is {crf_mask.shape[1]}x{crf_mask.shape[0]}, "
+                            f"the image {walk_mask.shape[1]}x{walk_mask.shape[0]}")
+        return fill_background(crf_mask, walk_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +309,7 @@ def _write_masks(job: _Refinement, usable: list[int], threshold: float | None, c
                 size = gt.shape if gt is not None else ds.load_image(i).size[::-1]
                 rgb = np.array(ds.load_image(i), dtype=np.uint8) if crf else None
                 pred = walk_to_mask(walked, classes, cfg.method, size, threshold, rgb=rgb, crf_cfg=cfg.infer.crf)
+                pred = job.merged(i, pred)
                 write_mask(path, pred)
                 written += 1
         except DataError as e:
@@ -311,7 +328,8 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
     if any, also on stderr)."""
     proto = {**job.seed_protocol, "split": job.split, "stage": "refined", "alphas": job.alphas,
              "crf": crf_name, "bg_threshold": threshold.value, "bg_threshold_chosen": threshold.chosen,
-             "checkpoint": "last (AffinityNet)"}
+             "checkpoint": "last (AffinityNet)", "merge": job.merge,
+             **({"crf_masks": str(job.crf_masks)} if job.merge == "fill" else {})}
     summary = {**metrics, "num_images": len(job.ds), "split": job.split, "bg_threshold": threshold.value,
                **({"sweep": threshold.sweep} if threshold.sweep else {}),
                **({"skipped": job.skipped} if job.skipped else {}), "protocol": proto, "diagnostics": diagnostics,
@@ -323,7 +341,8 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
 
 
 def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str = "auto", skip_bad: bool = False,
-           progress: bool = True, sweep_thresholds: list[float] | None = None, crf: bool = False) -> dict:
+           progress: bool = True, sweep_thresholds: list[float] | None = None, crf: bool = False,
+           crf_masks=None) -> dict:
     """`wsss refine`, four resumable steps:
 
     1. confident labels of the split's images (two alphas, CRF, disagreement ignored) into RUN/labels/
@@ -334,14 +353,16 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     4. masks OUT/<id>.png at the background threshold: `cfg.method.bg_threshold`, or with `sweep_thresholds`
        (a split with masks) the best of them by mIoU on this split (OUT/sweep.json), "the threshold chosen on
        train" of PSA's protocol; with `crf`, the dense CRF follows (`walk_to_mask`: IRN's label CRF on that
-       mask, or `cfg.infer.crf` on the walked scores; the sweep itself is without it).
+       mask, or `cfg.infer.crf` on the walked scores; the sweep itself is without it); then with
+       `cfg.method.merge` fill (or auto, for seeds cut at a threshold) the masks in `crf_masks` (the seeds'
+       CRF masks, <id>.png) keep their foreground and the walk labels only their background.
 
     Every file is written atomically and skipped on a rerun when present, so kill -9 loses at most the
     image (or the epoch) in flight. OUT/walk.json / OUT/refine.json hold the settings of the walks / masks.
     With masks, OUT/summary.json holds the mIoU and its protocol. One image at a time: memory does not grow
     with the split."""
     from wsss.data import open_dataset
-    from wsss.methods.affinity import check_config, seed_alphas
+    from wsss.methods.affinity import check_config, merge_mode, seed_alphas
 
     t0 = time.time()
     if cfg.method.name != "affinity":
@@ -356,9 +377,13 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
     if sweep_thresholds is not None:
         sweep_thresholds = _checked_thresholds(sweep_thresholds, cfg.method, ds, split)
+    if crf_masks is not None and not Path(crf_masks).is_dir():
+        raise DataError(f"{crf_masks}: CRF masks folder not found (make it with `wsss pseudo-label RUN --crf`)")
     protocol = _seed_protocol(seeds)
     alphas = seed_alphas(cfg.method, protocol.get("bg_threshold"))
-    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol)
+    merge = merge_mode(cfg.method, protocol.get("bg_threshold"), crf_masks is not None)
+    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,
+                      Path(crf_masks) if merge == "fill" else None)
 
     # every config check is above, before anything is written or trained; below, each step refuses a folder
     # holding its files made with other settings (labels.json, walk.json, refine.json)
@@ -370,7 +395,10 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     threshold = _threshold_step(job, usable, sweep_thresholds)
     crf_name, mask_crf = _mask_crf_settings(cfg, crf)
     claim_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold.value,
-                                          "bg_threshold_chosen": threshold.chosen, **mask_crf})
+                                          "bg_threshold_chosen": threshold.chosen, **mask_crf,
+                                          # only with fill: a walk-only folder's settings stay as before
+                                          **({"merge": merge, "crf_masks": str(job.crf_masks.resolve())}
+                                             if job.crf_masks else {})})
     written, metrics, diagnostics = _write_masks(job, usable, threshold.value, crf)
     summary = _write_summary(job, threshold, crf_name, metrics, diagnostics, labels)
     result = {"split": split, "num_images": len(ds), "computed": computed, "written": written, "out_dir": str(out)}

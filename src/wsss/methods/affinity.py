@@ -21,6 +21,7 @@ from wsss.io import IGNORE_INDEX
 from wsss.methods.base import Method
 
 WALK_CRF_MODES = ("label", "scores")
+MERGE_MODES = ("walk", "fill", "auto")
 
 
 @dataclass
@@ -46,6 +47,14 @@ class AffinityConfig:
     # pairwise terms outweigh them and wipe thin parts; the labelling's fixed margin does not.
     walk_crf: str = "label"
     walk_crf_confidence: float = 0.7  # IRN's gt_prob
+    # The refined mask against the seeds' own CRF masks (`wsss refine --crf-masks`): walk (the walk's mask
+    # alone, as PSA) | fill (each pixel the CRF masks call foreground keeps their class; the walk labels
+    # only their background) | auto (fill for seeds cut at a background threshold when CRF masks are
+    # given, else walk). Where the walk and the CRF masks of CAM seeds both say foreground but disagree on
+    # the class, the CRF is right on 61-76% of the pixels: the walk's coarse grid carries one object's class
+    # into its neighbour. The CRF masks of seeds with a background channel over-cover (TKP-PCL on F6:
+    # 21-37% foreground, 13.5% true), so they are not kept (benchmarks/RESULTS.md, fifteenth session).
+    merge: str = "walk"
 
 
 def crossing_alpha(c: float) -> float:
@@ -65,6 +74,17 @@ def seed_alphas(cfg: AffinityConfig, seed_threshold: float | None) -> list[float
     return [round(crossing_alpha(c), 4) for c in crossings]
 
 
+def merge_mode(cfg: AffinityConfig, seed_threshold: float | None, crf_masks: bool) -> str:
+    """'walk' or 'fill', the merge `wsss refine` applies (`AffinityConfig.merge`) to seeds cut at
+    `seed_threshold` (None: a background channel), given CRF masks or not."""
+    if cfg.merge == "fill" and not crf_masks:
+        raise ConfigError("method.merge: fill keeps the seeds' CRF masks: give them (`wsss refine --crf-masks DIR`, "
+                          "made by `wsss pseudo-label RUN --crf`) or -o method.merge=walk")
+    if cfg.merge == "auto":
+        return "fill" if seed_threshold is not None and crf_masks else "walk"
+    return cfg.merge
+
+
 def check_walk_crf(cfg: AffinityConfig) -> None:
     if cfg.walk_crf not in WALK_CRF_MODES:
         raise ConfigError(f"method.walk_crf: unknown mode {cfg.walk_crf!r} ({', '.join(WALK_CRF_MODES)})")
@@ -78,6 +98,8 @@ def check_config(cfg: AffinityConfig) -> None:
     if cfg.radius < 2:
         raise ConfigError(f"method.radius: {cfg.radius} leaves no pairs (>= 2)")
     check_walk_crf(cfg)
+    if cfg.merge not in MERGE_MODES:
+        raise ConfigError(f"method.merge: unknown mode {cfg.merge!r} ({', '.join(MERGE_MODES)})")
     if len(cfg.alphas) != 2:
         raise ConfigError(f"method.alphas: expected [low, high], got {cfg.alphas}")
     k = cfg.alpha_crossings

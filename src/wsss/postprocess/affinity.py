@@ -19,6 +19,8 @@ command) chains them over a split with cached, resumable artefacts:
 4. `walk_to_mask`: the walked foreground against a constant background threshold (MCTformer's `--bg_thr`,
    chosen on train by `refine(..., sweep_thresholds=)`), or PSA's walked (1 - max)^alpha (`bg_alpha` > 0);
    optionally a dense CRF after it, by default IRN's CRF on the mask as a labelling (`walk_crf`).
+5. `fill_background` (`merge: fill`): the seeds' own CRF masks keep their foreground, the walk's mask only
+   labels their background. Ours, not PSA's (the reason at `AffinityConfig.merge`).
 
 PSA's facts (jiwoon-ahn/psa and xulianuwa/MCTformer `psa/`): the pair loss bg/4 + fg/4 + neg/2 with each
 term averaged over its own pairs; radius 5 on the stride-8 grid; beta 8; logt 6 (MCTformer; the original
@@ -217,6 +219,14 @@ def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_thr
     else:
         out = crf_refine(image, up.clamp_min(1e-5).numpy(), crf_cfg)
     return lut.numpy()[np.asarray(out, dtype=np.int64)]
+
+
+def fill_background(crf_mask: np.ndarray, walk_mask: np.ndarray) -> np.ndarray:
+    """The walk's mask where `crf_mask` says background (0), `crf_mask` elsewhere (its classes and any 255
+    kept): the walk may add objects or parts the CRF missed, never move or relabel what it drew."""
+    if crf_mask.shape != walk_mask.shape:
+        raise ValueError(f"CRF mask {crf_mask.shape} and walk mask {walk_mask.shape} differ in size")
+    return np.where(crf_mask == 0, walk_mask, crf_mask).astype(np.uint8)
 
 
 def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
