@@ -349,7 +349,7 @@ def test_confident_label_shares_count_ignored_and_foreground(tmp_path):
     assert _label_shares(job, [0, 2]) == {"ignored": round(24 / 40, 4), "foreground": round(3 / 40, 4)}
 
 
-def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path):
+def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path, capsys):
     voc, seed_dir = seeds
     cut = tmp_path / "seeds_cut"  # the same seeds, as if cut at 0.6 (the threshold their protocol records)
     shutil.copytree(seed_dir, cut)
@@ -362,7 +362,9 @@ def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path):
         refine(cfg, tmp_path / "bad", cut, voc, "train", tmp_path / "bad_out", device="cpu", progress=False)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad_out").exists()
     cfg.method.alpha_crossings = [1.0, 2 / 3]
+    cfg.method.merge = "auto"  # seeds cut at a threshold but no CRF masks given: the walk alone, and a note
     res = refine(cfg, tmp_path / "aff", cut, voc, "train", tmp_path / "out", device="cpu", progress=False)
+    assert res["protocol"]["merge"] == "walk" and "no --crf-masks" in capsys.readouterr().err
     alphas = seed_alphas(cfg.method, 0.6)
     assert res["protocol"]["alphas"] == alphas != [1.0, 12.0]
     assert json.loads((tmp_path / "aff" / "labels.json").read_text())["alphas"] == alphas
@@ -432,6 +434,7 @@ def test_wsss_run_with_refine(tmp_path, monkeypatch, capsys):
 
     voc = make_voc(tmp_path / "voc")
     aff = _aff_cfg(voc)
+    aff.method.merge = "fill"  # needs the seeds' CRF masks: the chain must hand over pseudo/train_crf
     save_config(aff, tmp_path / "aff.yaml")
     tiny = ["data.crop_size=32", "data.num_workers=0", "train.batch_size=4", "train.trainable_blocks=2",
             "train.epochs=1", "train.freeze_backbone_epochs=0", "infer.crf.workers=0", "infer.scales=[1.0]",
@@ -445,6 +448,10 @@ def test_wsss_run_with_refine(tmp_path, monkeypatch, capsys):
     proto = summary["protocols"]["pseudo_train_refined"]
     assert proto["stage"] == "refined" and proto["bg_threshold_chosen"] == "swept on train"
     assert proto["crf"] == "irn_label (confidence 0.7)"  # the chain's --crf (default): IRN's CRF on the walk's mask
+    assert proto["merge"] == "fill" and proto["crf_masks"] == str(out / "pseudo" / "train_crf")
+    for p in (out / "refine" / "train").glob("*.png"):  # the CRF masks' foreground is kept
+        crf_mask = read_mask(out / "pseudo" / "train_crf" / p.name)
+        assert np.array_equal(read_mask(p)[crf_mask > 0], crf_mask[crf_mask > 0])
     assert {"seeds_maps", "pseudo_train_refined", "segment"} <= set(summary["redone"])
     seg = json.loads((out / "segment" / STAGE_MARKER).read_text())["result"]
     assert seg["pseudo_dir"] == str(out / "refine" / "train")  # stage 2 trained on the refined masks

@@ -382,6 +382,9 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     protocol = _seed_protocol(seeds)
     alphas = seed_alphas(cfg.method, protocol.get("bg_threshold"))
     merge = merge_mode(cfg.method, protocol.get("bg_threshold"), crf_masks is not None)
+    if cfg.method.merge == "auto" and protocol.get("bg_threshold") is not None and crf_masks is None:
+        print("note: method.merge auto: no --crf-masks, so the walk's masks alone; these seeds were cut at a "
+              "threshold, and keeping their CRF masks' foreground did better wherever measured", file=sys.stderr)
     job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,
                       Path(crf_masks) if merge == "fill" else None)
 
