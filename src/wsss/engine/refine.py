@@ -380,9 +380,10 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if crf_masks is not None and not Path(crf_masks).is_dir():
         raise DataError(f"{crf_masks}: CRF masks folder not found (make it with `wsss pseudo-label RUN --crf`)")
     protocol = _seed_protocol(seeds)
-    alphas = seed_alphas(cfg.method, protocol.get("bg_threshold"))
-    merge = merge_mode(cfg.method, protocol.get("bg_threshold"), crf_masks is not None)
-    if cfg.method.merge == "auto" and protocol.get("bg_threshold") is not None and crf_masks is None:
+    seed_threshold = protocol.get("bg_threshold")  # None: seeds with a background channel
+    alphas = seed_alphas(cfg.method, seed_threshold)
+    merge = merge_mode(cfg.method, seed_threshold, crf_masks is not None)
+    if cfg.method.merge == "auto" and seed_threshold is not None and crf_masks is None:
         print("note: method.merge auto: no --crf-masks, so the walk's masks alone; these seeds were cut at a "
               "threshold, and keeping their CRF masks' foreground did better wherever measured", file=sys.stderr)
     job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,

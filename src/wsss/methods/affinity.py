@@ -51,7 +51,7 @@ class AffinityConfig:
     # alone, as PSA) | fill (each pixel the CRF masks call foreground keeps their class; the walk labels
     # only their background) | auto (fill for seeds cut at a background threshold when CRF masks are
     # given, else walk). Where the walk and the CRF masks of CAM seeds both say foreground but disagree on
-    # the class, the CRF is right on 61-76% of the pixels: the walk's coarse grid carries one object's class
+    # the class, the CRF is right on 54-81% of the pixels: the walk's coarse grid carries one object's class
     # into its neighbour. The CRF masks of seeds with a background channel over-cover (TKP-PCL on F6:
     # 21-37% foreground, 13.5% true), so they are not kept (benchmarks/RESULTS.md, fifteenth session).
     merge: str = "walk"
