@@ -104,7 +104,7 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
     fill = run / f"refine_train{suffix}_fill"
     if not (fill / "summary.json").exists():
         fill_masks(root, crf, refined, fill)
-    row = {"family": family, "preset": preset, "refine": name or "as shipped", "seed": seed, "crf": _miou(crf),
+    row = {"family": family, "preset": preset, "refine": name or "preset", "seed": seed, "crf": _miou(crf),
            "seeds": _miou(maps), "refined": _miou(refined), "fill": _miou(fill),
            "threshold": json.loads((refined / "summary.json").read_text())["bg_threshold"]}
     if name:
@@ -138,7 +138,7 @@ def table(rows: list[dict]) -> str:
         g = [r[key] - r["crf"] for r in got]
         return f"{statistics.fmean(g) * 100:+.1f} ({', '.join(f'{x * 100:+.1f}' for x in g)})"
 
-    def stage2(got, key):
+    def stage2_mean(got, key):  # not family_table's stage2
         values = [r[key] for r in got if key in r]
         return _stat(values) if values else "not run"
 
@@ -148,7 +148,7 @@ def table(rows: list[dict]) -> str:
             f"| {f}{' (tuning)' if f == 'F0' else ' (held out)'} | `demo/{p}` | {name} | {', '.join(str(r['seed']) for r in got)} "
             f"| {_stat([r['seeds'] for r in got])} | {_stat([r['crf'] for r in got])} | {_stat([r['refined'] for r in got])} "
             f"| {gain(got, 'refined')} | {_stat([r['fill'] for r in got])} | {gain(got, 'fill')} "
-            f"| {stage2(got, 'segment_crf')} | {stage2(got, 'segment_refined')} | {stage2(got, 'segment_fill')} |")
+            f"| {stage2_mean(got, 'segment_crf')} | {stage2_mean(got, 'segment_refined')} | {stage2_mean(got, 'segment_fill')} |")
     return "\n".join(lines)
 
 
