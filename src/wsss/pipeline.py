@@ -240,7 +240,7 @@ def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks
                  lambda: refine(aff_cfg, folder / "affinity", seeds, data_root, split, folder / "train",
                                 progress=progress, sweep_thresholds=SWEEP if has_masks else None, crf=crf,
                                 crf_masks=crf_masks),
-                 deps=("seeds_maps", "pseudo_train_crf") if crf else ("seeds_maps",))
+                 deps=("seeds_maps", "pseudo_train_crf"))  # without --crf that stage never runs
     record("pseudo_train_refined", res)
     return "pseudo_train_refined"
 

@@ -98,8 +98,7 @@ class _Refinement:
     skipped: list[str]
     alphas: list[float]  # the confident labels' two background alphas (`seed_alphas`)
     seed_protocol: dict  # the seeds' own protocol (their summary.json), read once
-    merge: str  # 'walk' or 'fill' (`merge_mode`)
-    crf_masks: Path | None  # the seeds' CRF masks, <id>.png, that `fill` keeps
+    crf_masks: Path | None  # the seeds' CRF masks, <id>.png, that `fill` keeps; None: the walk's masks alone
 
     def bad(self, e: DataError) -> None:
         """An unusable image: raise, or with skip_bad warn on stderr, record it and go on without it."""
@@ -120,18 +119,22 @@ class _Refinement:
         gt = self.ds.load_mask(i) if self.ds.has_masks else None
         return classes, walked, gt
 
+    @property
+    def merge(self) -> str:
+        """'fill' or 'walk' (`merge_mode`), as the CRF masks are kept or not."""
+        return "fill" if self.crf_masks is not None else "walk"
+
     def merged(self, i: int, walk_mask: np.ndarray) -> np.ndarray:
         """Image i's walk mask as step 4 writes it: as it is, or with `fill` over the image's CRF mask."""
-        if self.merge != "fill":
+        if self.crf_masks is None:
             return walk_mask
         path = self.crf_masks / f"{self.ds.ids[i]}.png"
         if not path.is_file():
             raise DataError(f"{path}: no CRF mask for this image (method.merge: fill keeps the CRF masks)")
-        crf_mask = read_mask(path)
-        if crf_mask.shape != walk_mask.shape:
-            raise DataError(f"{path}: CRF mask is {crf_mask.shape[1]}x{crf_mask.shape[0]}, "
-                            f"the image {walk_mask.shape[1]}x{walk_mask.shape[0]}")
-        return fill_background(crf_mask, walk_mask)
+        try:
+            return fill_background(read_mask(path), walk_mask)
+        except ValueError as e:  # the two sizes differ: name the file
+            raise DataError(f"{path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +332,7 @@ def _write_summary(job: _Refinement, threshold: _Threshold, crf_name: str | None
     proto = {**job.seed_protocol, "split": job.split, "stage": "refined", "alphas": job.alphas,
              "crf": crf_name, "bg_threshold": threshold.value, "bg_threshold_chosen": threshold.chosen,
              "checkpoint": "last (AffinityNet)", "merge": job.merge,
-             **({"crf_masks": str(job.crf_masks)} if job.merge == "fill" else {})}
+             **({"crf_masks": str(job.crf_masks)} if job.crf_masks else {})}
     summary = {**metrics, "num_images": len(job.ds), "split": job.split, "bg_threshold": threshold.value,
                **({"sweep": threshold.sweep} if threshold.sweep else {}),
                **({"skipped": job.skipped} if job.skipped else {}), "protocol": proto, "diagnostics": diagnostics,
@@ -386,7 +389,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if cfg.method.merge == "auto" and seed_threshold is not None and crf_masks is None:
         print("note: method.merge auto: no --crf-masks, so the walk's masks alone; these seeds were cut at a "
               "threshold, and keeping their CRF masks' foreground did better wherever measured", file=sys.stderr)
-    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,
+    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol,
                       Path(crf_masks) if merge == "fill" else None)
 
     # every config check is above, before anything is written or trained; below, each step refuses a folder
