@@ -2,11 +2,12 @@
 training seed: train pseudo-mask mIoU (GT tags) of the seeds + dense CRF and of the refined masks, and the
 paired difference; with `--segment [crf walk fill]`, stage 2 trained on each and scored on val without tags.
 
-Two refined mask sets per cell: the walk's alone (`wsss refine` without `--crf-masks`, PSA's) and `merge:
-fill` (the CRF masks keep their foreground, the walk labels their background: what `wsss refine
---crf-masks` writes with `method.merge: fill`, and `auto` for seeds cut at a threshold), made here from the
-two folders on disk with the engine's `fill_background`, so the cells walked before fill existed are
-scored without walking again.
+Three refined mask sets per cell: the walk's alone (`wsss refine` without `--crf-masks`, PSA's), `merge:
+fill` (the CRF masks keep their foreground, the walk labels their background: `auto`'s choice for seeds cut
+at a threshold) and `merge: relabel` (the walk's extent, the CRF masks' class where both say foreground:
+`auto`'s for seeds with a background channel), the last two made here from the two folders on disk with
+the engine's `MERGES`, as `wsss refine --crf-masks` writes them, so the cells walked before a merge existed
+are scored without walking again.
 
 Each cell reuses the stage-1 run of `benchmarks/family_table.py` (the same weights as the transfer table)
 and goes through the CLI as a user would:
@@ -15,7 +16,7 @@ and goes through the CLI as a user would:
     wsss pseudo-label RUN --data F --split train --save-maps --out RUN/pseudo_train_maps
     wsss refine RUN/refine_affinity --seeds RUN/pseudo_train_maps --data F --split train --crf \
         --sweep-threshold 0.1:0.9:0.05 -o train.seed=S --out RUN/refine_train
-    fill_background(RUN/pseudo_train_crf, RUN/refine_train) -> RUN/refine_train_fill
+    MERGES[fill | relabel](RUN/pseudo_train_crf, RUN/refine_train) -> RUN/refine_train_{fill,relabel}
     wsss segment demo/segment --pseudo RUN/refine_train ...   (--segment; the CRF side is family_table's
                                                                `segment` cell; and on the fill masks)
 
@@ -40,10 +41,10 @@ from family_table import FAMILIES, _train, _wsss, cell, make_family, stage2  # n
 
 from wsss.evaluation.metrics import ConfusionMatrix, mask_tensor  # noqa: E402
 from wsss.io import atomic_write_json, read_mask, write_mask  # noqa: E402
-from wsss.postprocess.affinity import fill_background  # noqa: E402
+from wsss.postprocess.affinity import MERGES  # noqa: E402
 
 SWEEP = "0.1:0.9:0.05"  # the range `wsss run --refine` sweeps (wsss.pipeline.SWEEP)
-SEGMENT_MASKS = ("crf", "walk", "fill")
+SEGMENT_MASKS = ("crf", "walk", "fill", "relabel")
 
 
 def _miou(folder: Path) -> float:
@@ -57,8 +58,8 @@ def _stage2_miou(root: Path, masks: Path, seed: int, run: Path) -> float:
     return _miou(run / "pseudo")
 
 
-def fill_masks(root: Path, crf: Path, walk: Path, out: Path) -> None:
-    """OUT/<id>.png = `fill_background(CRF/<id>.png, WALK/<id>.png)` for every walk mask, and OUT/summary.json
+def merge_masks(root: Path, crf: Path, walk: Path, out: Path, merge: str = "fill") -> None:
+    """OUT/<id>.png = `MERGES[merge](CRF/<id>.png, WALK/<id>.png)` for every walk mask, and OUT/summary.json
     with their mIoU against ROOT/SegmentationClass (the class names from the CRF masks' summary) and, where
     the two masks disagree on a pixel the CRF calls foreground, how often the CRF's class is the true one."""
     names = list(json.loads((crf / "summary.json").read_text())["per_class"])
@@ -68,7 +69,7 @@ def fill_masks(root: Path, crf: Path, walk: Path, out: Path) -> None:
     for path in sorted(walk.glob("*.png")):
         base, walked = read_mask(crf / path.name), read_mask(path)
         gt = read_mask(root / "SegmentationClass" / path.name)
-        mask = fill_background(base, walked)
+        mask = MERGES[merge](base, walked)
         write_mask(out / path.name, mask)
         cm.update(mask_tensor(mask), mask_tensor(gt))
         foreground, pixels = foreground + int(((mask > 0) & (mask != 255)).sum()), pixels + mask.size
@@ -77,7 +78,7 @@ def fill_masks(root: Path, crf: Path, walk: Path, out: Path) -> None:
             disagree[key][0] += int(where.sum())
             disagree[key][1] += int((where & (gt == base)).sum())
     atomic_write_json(out / "summary.json", {
-        **cm.as_json(names), "merge": "fill", "crf_masks": str(crf), "walk_masks": str(walk),
+        **cm.as_json(names), "merge": merge, "crf_masks": str(crf), "walk_masks": str(walk),
         "foreground": foreground / max(pixels, 1),
         "crf_foreground_disagreements": {k: {"pixels": n, "crf_right": right / max(n, 1)} for k, (n, right) in disagree.items()}})
 
@@ -101,11 +102,13 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
         _wsss("refine", str(run / f"refine_affinity{suffix}"), "--seeds", str(maps), "--data", str(root), "--split",
               "train", "--crf", "--sweep-threshold", SWEEP, *[a for o in [f"train.seed={seed}", *overrides]
                                                                for a in ("-o", o)], "--out", str(refined), log=log)
-    fill = run / f"refine_train{suffix}_fill"
-    if not (fill / "summary.json").exists():
-        fill_masks(root, crf, refined, fill)
+    fill, relabel = run / f"refine_train{suffix}_fill", run / f"refine_train{suffix}_relabel"
+    for folder, merge in ((fill, "fill"), (relabel, "relabel")):
+        if not (folder / "summary.json").exists():
+            merge_masks(root, crf, refined, folder, merge)
     row = {"family": family, "preset": preset, "refine": name or "preset", "seed": seed, "crf": _miou(crf),
            "seeds": _miou(maps), "refined": _miou(refined), "fill": _miou(fill),
+           "relabel": _miou(relabel),
            "threshold": json.loads((refined / "summary.json").read_text())["bg_threshold"]}
     if name:
         return row
@@ -116,7 +119,8 @@ def refine_cell(family: str, preset: str, seed: int, data: Path, work: Path, seg
         if key == "crf" and preset == "tkp_pcl":
             row["segment_crf"] = cell(family, "segment", seed, data, work, [])["miou"]
             continue
-        masks, folder = {"crf": (crf, "crf"), "walk": (refined, "refined"), "fill": (fill, "fill")}[key]
+        masks, folder = {"crf": (crf, "crf"), "walk": (refined, "refined"), "fill": (fill, "fill"),
+                         "relabel": (relabel, "relabel")}[key]
         row["segment_" + ("refined" if key == "walk" else key)] = _stage2_miou(
             root, masks, seed, work / family / f"segment_{folder}_{tag}s{seed}")
     return row
@@ -131,12 +135,15 @@ def table(rows: list[dict]) -> str:
     """Markdown: a row per (family, preset); mean +- sd over seeds, the paired gains over the CRF masks and
     each seed's."""
     lines = ["| family | preset | refine | training seeds | seeds | seeds + CRF | walk | walk - CRF (each seed) | "
-             "fill | fill - CRF (each seed) | stage 2 on CRF | on walk | on fill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fill | fill - CRF (each seed) | relabel | relabel - CRF (each seed) | stage 2 on CRF | on walk | on fill | "
+             "on relabel |", "|---" * 16 + "|"]
 
     def gain(got, key):
         g = [r[key] - r["crf"] for r in got]
         return f"{statistics.fmean(g) * 100:+.1f} ({', '.join(f'{x * 100:+.1f}' for x in g)})"
+
+    def optional(got, key):  # a merge scored after the cell was made: "-" where a seed lacks it
+        return f"{_stat([r[key] for r in got])} | {gain(got, key)}" if all(key in r for r in got) else "- | -"
 
     def stage2_mean(got, key):  # not family_table's stage2
         values = [r[key] for r in got if key in r]
@@ -148,7 +155,9 @@ def table(rows: list[dict]) -> str:
             f"| {f}{' (tuning)' if f == 'F0' else ' (held out)'} | `demo/{p}` | {name} | {', '.join(str(r['seed']) for r in got)} "
             f"| {_stat([r['seeds'] for r in got])} | {_stat([r['crf'] for r in got])} | {_stat([r['refined'] for r in got])} "
             f"| {gain(got, 'refined')} | {_stat([r['fill'] for r in got])} | {gain(got, 'fill')} "
-            f"| {stage2_mean(got, 'segment_crf')} | {stage2_mean(got, 'segment_refined')} | {stage2_mean(got, 'segment_fill')} |")
+            f"| {optional(got, 'relabel')} "
+            f"| {stage2_mean(got, 'segment_crf')} | {stage2_mean(got, 'segment_refined')} | {stage2_mean(got, 'segment_fill')} "
+            f"| {stage2_mean(got, 'segment_relabel')} |")
     return "\n".join(lines)
 
 

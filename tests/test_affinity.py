@@ -24,6 +24,7 @@ from wsss.postprocess.affinity import (
     fill_background,
     propagate,
     random_walk,
+    relabel_foreground,
     transition,
     walk_maps,
     walk_mask,
@@ -282,20 +283,33 @@ def test_fill_background_keeps_the_crf_foreground():
         fill_background(crf, walk[:, :3])
 
 
-def test_merge_mode_fills_only_threshold_seeds_with_crf_masks():
+def test_relabel_foreground_keeps_the_walks_extent_and_the_crf_class():
+    crf = np.array([[0, 0, 2, 2], [0, 1, 1, 255]], np.uint8)
+    walk = np.array([[3, 0, 1, 0], [1, 3, 0, 2]], np.uint8)
+    # where both draw a class, the CRF's; the walk's background and its pixels over the CRF's
+    # background or 255 stay the walk's
+    assert relabel_foreground(crf, walk).tolist() == [[3, 0, 2, 0], [1, 1, 0, 2]]
+    with pytest.raises(ValueError, match="differ in size"):
+        relabel_foreground(crf, walk[:, :3])
+
+
+def test_merge_mode_fills_threshold_seeds_and_relabels_the_others():
     cfg = AffinityConfig(merge="auto")
     assert merge_mode(cfg, 0.6, crf_masks=True) == "fill"  # CAM seeds, CRF masks given
-    assert merge_mode(cfg, None, crf_masks=True) == "walk"  # a background channel: its CRF masks over-cover
-    assert merge_mode(cfg, 0.6, crf_masks=False) == "walk"  # nothing to keep
+    assert merge_mode(cfg, None, crf_masks=True) == "relabel"  # a background channel: its CRF masks over-cover
+    assert merge_mode(cfg, 0.6, crf_masks=False) == "walk"  # nothing to read
+    assert merge_mode(cfg, None, crf_masks=False) == "walk"
     assert merge_mode(AffinityConfig(merge="walk"), 0.6, crf_masks=True) == "walk"
-    with pytest.raises(ConfigError, match="--crf-masks"):
-        merge_mode(AffinityConfig(merge="fill"), None, crf_masks=False)
+    for mode in ("fill", "relabel"):
+        with pytest.raises(ConfigError, match="--crf-masks"):
+            merge_mode(AffinityConfig(merge=mode), None, crf_masks=False)
     with pytest.raises(ConfigError, match="method.merge"):
         check_config(AffinityConfig(merge="union"))
 
 
-def test_refine_fill_keeps_the_crf_masks_foreground(seeds, tmp_path):
-    """merge fill over the seeds' CRF masks: every mask is `fill_background(crf, walk-only mask)` from the
+@pytest.mark.parametrize("merge, merged", [("fill", fill_background), ("relabel", relabel_foreground)])
+def test_refine_merges_the_crf_masks(seeds, tmp_path, merge, merged):
+    """merge fill / relabel over the seeds' CRF masks: every mask is `merged(crf, walk-only mask)` from the
     same walks; the protocol names the merge; an image without a CRF mask is named (and skipped with
     skip_bad)."""
     voc, seed_dir = seeds
@@ -308,18 +322,18 @@ def test_refine_fill_keeps_the_crf_masks_foreground(seeds, tmp_path):
         m[:, : m.shape[1] // 2] = 1
         write_mask(crf_dir / p.name, m)
     cfg = _aff_cfg(voc)
-    cfg.method.merge = "fill"
+    cfg.method.merge = merge
     filled = tmp_path / "filled"
     shutil.copytree(walk_only / "walk", filled / "walk")
     shutil.copy(walk_only / "walk.json", filled / "walk.json")  # the merge is a step-4 setting: walks reused
     res = refine(cfg, run, seed_dir, voc, "train", filled, device="cpu", progress=False, crf_masks=crf_dir)
     assert res["computed"] == 0 and res["written"] == 4
-    assert res["protocol"]["merge"] == "fill" and res["protocol"]["crf_masks"] == str(crf_dir)
+    assert res["protocol"]["merge"] == merge and res["protocol"]["crf_masks"] == str(crf_dir)
     for p in sorted(walk_only.glob("tr*.png")):
-        expected = fill_background(read_mask(crf_dir / p.name), read_mask(p))
+        expected = merged(read_mask(crf_dir / p.name), read_mask(p))
         assert np.array_equal(read_mask(filled / p.name), expected), p.name
-    assert json.loads((filled / "refine.json").read_text())["merge"] == "fill"
-    with pytest.raises(ConfigError, match="--crf-masks"):  # fill without CRF masks: refused before any step
+    assert json.loads((filled / "refine.json").read_text())["merge"] == merge
+    with pytest.raises(ConfigError, match="--crf-masks"):  # without CRF masks: refused before any step
         refine(cfg, run, seed_dir, voc, "train", tmp_path / "none", device="cpu", progress=False)
     assert not (tmp_path / "none").exists()
 

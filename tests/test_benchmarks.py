@@ -306,6 +306,9 @@ def test_refine_table_cell_commands_and_paired_gain(bench, tmp_path, monkeypatch
 
     fill = work / "F3" / "cam_cnn_s0" / "refine_train_x_fill"
     assert read_mask(fill / "a.png").tolist() == [[2, 1, 1, 0]] and row["fill"] == pytest.approx(1.0)
+    # relabel: the walk's extent ([[2, 2, 0, 0]]), the CRF's class 1 where both draw foreground
+    relabel = work / "F3" / "cam_cnn_s0" / "refine_train_x_relabel"
+    assert read_mask(relabel / "a.png").tolist() == [[2, 1, 0, 0]] and 0 < row["relabel"] < row["fill"]
     disagree = json.loads((fill / "summary.json").read_text())["crf_foreground_disagreements"]
     assert disagree == {"walk_background": {"pixels": 1, "crf_right": 1.0}, "walk_other_class": {"pixels": 1, "crf_right": 1.0}}
     monkeypatch.setattr(rt, "_wsss", lambda *a, **k: pytest.fail("a finished cell must not be rerun"))
@@ -341,11 +344,12 @@ def test_refine_table_segment_on_a_cam_preset_trains_stage2_on_both_mask_sets(be
     work = tmp_path / "work"
     row = rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, rt.SEGMENT_MASKS)
     assert trained == [("pseudo_train_crf", "segment_crf_usage_vit_s2"), ("refine_train", "segment_refined_usage_vit_s2"),
-                       ("refine_train_fill", "segment_fill_usage_vit_s2")]
+                       ("refine_train_fill", "segment_fill_usage_vit_s2"),
+                       ("refine_train_relabel", "segment_relabel_usage_vit_s2")]
     assert (row["segment_crf"], row["segment_refined"], row["segment_fill"]) == (0.6, 0.65, 0.7)
-    assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, rt.SEGMENT_MASKS) == row and len(trained) == 3
+    assert rt.refine_cell("F3", "usage_vit", 2, tmp_path, work, rt.SEGMENT_MASKS) == row and len(trained) == 4
     only = rt.refine_cell("F3", "usage_vit", 1, tmp_path, work, ("fill",))  # one mask set asked for: one stage 2
-    assert trained[3:] == [("refine_train_fill", "segment_fill_usage_vit_s1")] and "segment_crf" not in only
+    assert trained[4:] == [("refine_train_fill", "segment_fill_usage_vit_s1")] and "segment_crf" not in only
     assert "| **0.600** | **0.650** | **0.700** |" in rt.table([row])
 
 

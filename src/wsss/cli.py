@@ -287,7 +287,9 @@ def refine(
     crf_masks: Annotated[
         Path | None,
         typer.Option(help="The seeds' CRF masks (`wsss pseudo-label RUN --crf`): with method.merge fill (auto: "
-                     "seeds cut at a threshold) they keep their foreground and the walk labels their background."),
+                     "seeds cut at a threshold) they keep their foreground and the walk labels their background; "
+                     "with relabel (auto: seeds with a background channel) they give the class where both say "
+                     "foreground."),
     ] = None,
 ) -> None:
     """Refine seeds with a learned affinity (PSA): confident labels, AffinityNet in RUN, random walk

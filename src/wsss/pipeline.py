@@ -234,7 +234,7 @@ def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks
     folder = out / "refine"
     shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in ("data",)]
     aff_cfg = load_config(refine_config or cfg.pipeline.refine or "demo/affinity", [f"data.root={data_root}", *shared])
-    # with --crf the train CRF masks exist: `merge` fill / auto may keep their foreground
+    # with --crf the train CRF masks exist: `merge` fill / relabel / auto may read them
     crf_masks = out / OUTPUTS["pseudo_train_crf"][1] if crf else None
     res = stages("pseudo_train_refined", folder, f"seeds on {split} refined by AffinityNet + random walk (PSA)",
                  lambda: refine(aff_cfg, folder / "affinity", seeds, data_root, split, folder / "train",

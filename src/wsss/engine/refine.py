@@ -7,7 +7,7 @@ The graph math (pairs, walk, labels) lives in `wsss.postprocess.affinity`; this 
     RUN/last.pt                              step 2, the AffinityNet (the engine trainer)
     OUT/walk/<id>.npz, OUT/walk.json         step 3, walked seed maps at grid resolution
     OUT/<id>.png, OUT/refine.json            step 4, masks at the background threshold (OUT/sweep.json),
-                                             with `merge: fill` over the seeds' CRF masks (--crf-masks)
+                                             merged with the seeds' CRF masks (--crf-masks, `method.merge`)
     OUT/summary.json                         their metrics, protocol and diagnostics
 """
 
@@ -37,7 +37,7 @@ from wsss.io import (
     read_mask,
     write_mask,
 )
-from wsss.postprocess.affinity import confident_labels, fill_background, load_maps, walk_maps, walk_to_mask
+from wsss.postprocess.affinity import MERGES, confident_labels, load_maps, walk_maps, walk_to_mask
 
 
 def _trained(run: Path, epochs: int) -> bool:
@@ -98,7 +98,8 @@ class _Refinement:
     skipped: list[str]
     alphas: list[float]  # the confident labels' two background alphas (`seed_alphas`)
     seed_protocol: dict  # the seeds' own protocol (their summary.json), read once
-    crf_masks: Path | None  # the seeds' CRF masks, <id>.png, that `fill` keeps; None: the walk's masks alone
+    merge: str  # `merge_mode`: walk (the walk's masks alone), fill or relabel (over `crf_masks`)
+    crf_masks: Path | None  # the seeds' CRF masks, <id>.png, that fill / relabel read; None with walk
 
     def bad(self, e: DataError) -> None:
         """An unusable image: raise, or with skip_bad warn on stderr, record it and go on without it."""
@@ -119,20 +120,15 @@ class _Refinement:
         gt = self.ds.load_mask(i) if self.ds.has_masks else None
         return classes, walked, gt
 
-    @property
-    def merge(self) -> str:
-        """'fill' or 'walk' (`merge_mode`), as the CRF masks are kept or not."""
-        return "fill" if self.crf_masks is not None else "walk"
-
     def merged(self, i: int, walk_mask: np.ndarray) -> np.ndarray:
-        """Image i's walk mask as step 4 writes it: as it is, or with `fill` over the image's CRF mask."""
-        if self.crf_masks is None:
+        """Image i's walk mask as step 4 writes it: as it is (walk), or merged with the image's CRF mask."""
+        if self.merge == "walk":
             return walk_mask
         path = self.crf_masks / f"{self.ds.ids[i]}.png"
         if not path.is_file():
-            raise DataError(f"{path}: no CRF mask for this image (method.merge: fill keeps the CRF masks)")
+            raise DataError(f"{path}: no CRF mask for this image (method.merge: {self.merge} reads the CRF masks)")
         try:
-            return fill_background(read_mask(path), walk_mask)
+            return MERGES[self.merge](read_mask(path), walk_mask)
         except ValueError as e:  # the two sizes differ: name the file
             raise DataError(f"{path}: {e}") from None
 
@@ -357,8 +353,9 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
        (a split with masks) the best of them by mIoU on this split (OUT/sweep.json), "the threshold chosen on
        train" of PSA's protocol; with `crf`, the dense CRF follows (`walk_to_mask`: IRN's label CRF on that
        mask, or `cfg.infer.crf` on the walked scores; the sweep itself is without it); then with
-       `cfg.method.merge` fill (or auto, for seeds cut at a threshold) the masks in `crf_masks` (the seeds'
-       CRF masks, <id>.png) keep their foreground and the walk labels only their background.
+       `cfg.method.merge` the masks in `crf_masks` (the seeds' CRF masks, <id>.png) keep their foreground and
+       the walk labels only their background (fill; auto's choice for seeds cut at a threshold), or give their
+       class where both draw foreground (relabel; auto's for seeds with a background channel).
 
     Every file is written atomically and skipped on a rerun when present, so kill -9 loses at most the
     image (or the epoch) in flight. OUT/walk.json / OUT/refine.json hold the settings of the walks / masks.
@@ -389,8 +386,8 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     if cfg.method.merge == "auto" and seed_threshold is not None and crf_masks is None:
         print("note: method.merge auto: no --crf-masks, so the walk's masks alone; these seeds were cut at a "
               "threshold, and keeping their CRF masks' foreground did better wherever measured", file=sys.stderr)
-    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol,
-                      Path(crf_masks) if merge == "fill" else None)
+    job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,
+                      None if merge == "walk" else Path(crf_masks))
 
     # every config check is above, before anything is written or trained; below, each step refuses a folder
     # holding its files made with other settings (labels.json, walk.json, refine.json)
@@ -403,7 +400,7 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     crf_name, mask_crf = _mask_crf_settings(cfg, crf)
     claim_settings(out / "refine.json", {**walk_settings, "bg_threshold": threshold.value,
                                           "bg_threshold_chosen": threshold.chosen, **mask_crf,
-                                          # only with fill: a walk-only folder's settings stay as before
+                                          # only with a merge: a walk-only folder's settings stay as before
                                           **({"merge": merge, "crf_masks": str(job.crf_masks.resolve())}
                                              if job.crf_masks else {})})
     written, metrics, diagnostics = _write_masks(job, usable, threshold.value, crf)

@@ -21,7 +21,7 @@ from wsss.io import IGNORE_INDEX
 from wsss.methods.base import Method
 
 WALK_CRF_MODES = ("label", "scores")
-MERGE_MODES = ("walk", "fill", "auto")
+MERGE_MODES = ("walk", "fill", "relabel", "auto")
 
 
 @dataclass
@@ -49,11 +49,13 @@ class AffinityConfig:
     walk_crf_confidence: float = 0.7  # IRN's gt_prob
     # The refined mask against the seeds' own CRF masks (`wsss refine --crf-masks`): walk (the walk's mask
     # alone, as PSA) | fill (each pixel the CRF masks call foreground keeps their class; the walk labels
-    # only their background) | auto (fill for seeds cut at a background threshold when CRF masks are
-    # given, else walk). Where the walk and the CRF masks of CAM seeds both say foreground but disagree on
-    # the class, the CRF is right on 54-81% of the pixels: the walk's coarse grid carries one object's class
-    # into its neighbour. The CRF masks of seeds with a background channel over-cover (TKP-PCL on F6:
-    # 21-37% foreground, 13.5% true), so they are not kept (benchmarks/RESULTS.md, fifteenth session).
+    # only their background) | relabel (the walk's extent; where both call foreground, the CRF masks'
+    # class) | auto (fill for seeds cut at a background threshold, relabel for seeds with a background
+    # channel, when CRF masks are given; else walk). Where the walk and the CRF masks both say foreground
+    # but disagree on the class, the CRF is right on 54-81% of the pixels (CAM seeds): the walk's coarse
+    # grid carries one object's class into its neighbour. The CRF masks of seeds with a background channel
+    # over-cover (TKP-PCL on F6: 21-37% foreground, 13.5% true), so for them only the class is taken
+    # (benchmarks/RESULTS.md, fifteenth and sixteenth sessions, rules 12 and 13).
     merge: str = "walk"
 
 
@@ -75,13 +77,15 @@ def seed_alphas(cfg: AffinityConfig, seed_threshold: float | None) -> list[float
 
 
 def merge_mode(cfg: AffinityConfig, seed_threshold: float | None, crf_masks: bool) -> str:
-    """'walk' or 'fill', the merge `wsss refine` applies (`AffinityConfig.merge`) to seeds cut at
+    """'walk', 'fill' or 'relabel', the merge `wsss refine` applies (`AffinityConfig.merge`) to seeds cut at
     `seed_threshold` (None: a background channel), given CRF masks or not."""
-    if cfg.merge == "fill" and not crf_masks:
-        raise ConfigError("method.merge: fill keeps the seeds' CRF masks: give them (`wsss refine --crf-masks DIR`, "
-                          "made by `wsss pseudo-label RUN --crf`) or -o method.merge=walk")
+    if cfg.merge in ("fill", "relabel") and not crf_masks:
+        raise ConfigError(f"method.merge: {cfg.merge} reads the seeds' CRF masks: give them (`wsss refine --crf-masks "
+                          "DIR`, made by `wsss pseudo-label RUN --crf`) or -o method.merge=walk")
     if cfg.merge == "auto":
-        return "fill" if seed_threshold is not None and crf_masks else "walk"
+        if not crf_masks:
+            return "walk"
+        return "fill" if seed_threshold is not None else "relabel"
     return cfg.merge
 
 

@@ -229,6 +229,18 @@ def fill_background(crf_mask: np.ndarray, walk_mask: np.ndarray) -> np.ndarray:
     return np.where(crf_mask == 0, walk_mask, crf_mask).astype(np.uint8)
 
 
+def relabel_foreground(crf_mask: np.ndarray, walk_mask: np.ndarray) -> np.ndarray:
+    """The walk's mask, with `crf_mask`'s class wherever both draw a class (not 0 or 255): the walk decides
+    the extent, the seeds' CRF masks the class (`method.merge: relabel`)."""
+    if crf_mask.shape != walk_mask.shape:
+        raise ValueError(f"CRF mask {crf_mask.shape} and walk mask {walk_mask.shape} differ in size")
+    both = (walk_mask > 0) & (walk_mask != 255) & (crf_mask > 0) & (crf_mask != 255)
+    return np.where(both, crf_mask, walk_mask).astype(np.uint8)
+
+
+MERGES = {"fill": fill_background, "relabel": relabel_foreground}  # the merges that read the CRF masks
+
+
 def walk_mask(feats: torch.Tensor, classes: list[int], probs: torch.Tensor, cfg, out_size) -> np.ndarray:
     """`walk_to_mask(walk_maps(...))`: one image's refined mask uint8 [H, W]."""
     return walk_to_mask(walk_maps(feats, probs, cfg), classes, cfg, out_size)
