@@ -378,7 +378,8 @@ def test_refine_takes_the_alphas_from_the_seeds_threshold(seeds, tmp_path, capsy
     cfg.method.alpha_crossings = [1.0, 2 / 3]
     cfg.method.merge = "auto"  # seeds cut at a threshold but no CRF masks given: the walk alone, and a note
     res = refine(cfg, tmp_path / "aff", cut, voc, "train", tmp_path / "out", device="cpu", progress=False)
-    assert res["protocol"]["merge"] == "walk" and "no --crf-masks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert res["protocol"]["merge"] == "walk" and "no --crf-masks" in err and "would fill" in err
     alphas = seed_alphas(cfg.method, 0.6)
     assert res["protocol"]["alphas"] == alphas != [1.0, 12.0]
     assert json.loads((tmp_path / "aff" / "labels.json").read_text())["alphas"] == alphas

@@ -383,9 +383,11 @@ def refine(cfg, run_dir, seeds_dir, data_root, split: str, out_dir, device: str 
     seed_threshold = protocol.get("bg_threshold")  # None: seeds with a background channel
     alphas = seed_alphas(cfg.method, seed_threshold)
     merge = merge_mode(cfg.method, seed_threshold, crf_masks is not None)
-    if cfg.method.merge == "auto" and seed_threshold is not None and crf_masks is None:
-        print("note: method.merge auto: no --crf-masks, so the walk's masks alone; these seeds were cut at a "
-              "threshold, and keeping their CRF masks' foreground did better wherever measured", file=sys.stderr)
+    if cfg.method.merge == "auto" and crf_masks is None:  # the merge it would pick did better wherever measured
+        would = merge_mode(cfg.method, seed_threshold, crf_masks=True)
+        print(f"note: method.merge auto: no --crf-masks, so the walk's masks alone; with these seeds' CRF masks "
+              f"(`wsss pseudo-label RUN --crf`) it would {would} them, which did better wherever measured",
+              file=sys.stderr)
     job = _Refinement(cfg, ds, run, seeds, out, split, skip_bad, skipped, alphas, protocol, merge,
                       None if merge == "walk" else Path(crf_masks))
 
