@@ -221,19 +221,23 @@ def walk_to_mask(walked: torch.Tensor, classes: list[int], cfg, out_size, bg_thr
     return lut.numpy()[np.asarray(out, dtype=np.int64)]
 
 
+def _same_size(crf_mask: np.ndarray, walk_mask: np.ndarray) -> None:
+    """The merges' one check (`refine` names the file when it fails)."""
+    if crf_mask.shape != walk_mask.shape:
+        raise ValueError(f"CRF mask {crf_mask.shape} and walk mask {walk_mask.shape} differ in size")
+
+
 def fill_background(crf_mask: np.ndarray, walk_mask: np.ndarray) -> np.ndarray:
     """The walk's mask where `crf_mask` says background (0), `crf_mask` elsewhere (its classes and any 255
     kept): the walk may add objects or parts the CRF missed, never move or relabel what it drew."""
-    if crf_mask.shape != walk_mask.shape:
-        raise ValueError(f"CRF mask {crf_mask.shape} and walk mask {walk_mask.shape} differ in size")
+    _same_size(crf_mask, walk_mask)
     return np.where(crf_mask == 0, walk_mask, crf_mask).astype(np.uint8)
 
 
 def relabel_foreground(crf_mask: np.ndarray, walk_mask: np.ndarray) -> np.ndarray:
     """The walk's mask, with `crf_mask`'s class wherever both draw a class (not 0 or 255): the walk decides
     the extent, the seeds' CRF masks the class (`method.merge: relabel`)."""
-    if crf_mask.shape != walk_mask.shape:
-        raise ValueError(f"CRF mask {crf_mask.shape} and walk mask {walk_mask.shape} differ in size")
+    _same_size(crf_mask, walk_mask)
     both = (walk_mask > 0) & (walk_mask != 255) & (crf_mask > 0) & (crf_mask != 255)
     return np.where(both, crf_mask, walk_mask).astype(np.uint8)
 
