@@ -380,3 +380,33 @@ def test_extent_sweep_moves_the_background_decision_and_calibrates_on_the_crf(be
     assert es.calibrated_power(run, [1.0, 0.5]) == 0.5
     es.main([str(data), str(run / "pseudo_maps"), "--calibrate", "--values", "1", "0.5"])
     assert "| 0.5 |" in capsys.readouterr().out
+
+
+def test_refine_headroom_splits_the_crf_errors_and_puts_each_kind_right(bench, tmp_path):
+    """The CRF masks' wrong pixels by kind (near / far false foreground, missed, confused), one oracle per kind
+    that puts only that kind right from the ground truth, and what the walk does on the CRF's background."""
+    from wsss.io import write_mask
+    from wsss.postprocess.affinity import MERGES
+
+    rh = bench("refine_headroom")
+    root, run = tmp_path / "F3", tmp_path / "runs" / "cam_cnn_s0"
+    gt = np.array([[1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0]], np.uint8)
+    crf = np.array([[1, 0, 1, 2, 2, 0, 0, 0, 0, 0, 0, 2]], np.uint8)  # missed, confused, near, far: one each
+    walk = np.array([[1, 1, 2, 2, 0, 0, 0, 0, 1, 0, 0, 0]], np.uint8)  # recovers the missed pixel, adds one far
+    (root / "SegmentationClass").mkdir(parents=True)
+    write_mask(root / "SegmentationClass" / "a.png", gt)
+    assert rh.oracle("missed", crf, gt).tolist() == [[1, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 2]]
+    assert rh.oracle("false_fg", crf, gt).tolist() == [[1, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0]]
+    assert rh.oracle("confused", crf, gt).tolist() == [[1, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 2]]
+    assert rh.cell(root, run, "cam_cnn") is None  # no masks yet: skipped, not an error
+    _fake_masks(run / "pseudo_train_crf", 0.5, crf.tolist())
+    _fake_masks(run / "refine_train", 0.55, walk.tolist())
+    _fake_masks(run / "refine_train_fill", 0.6, MERGES["fill"](crf, walk).tolist())
+    row = rh.cell(root, run, "cam_cnn")
+    assert row["errors"] == pytest.approx(dict.fromkeys(rh.KINDS, 1 / 12))
+    assert (row["walk_recovers"], row["walk_adds"], row["walk_adds_far"]) == pytest.approx((1.0, 1 / 12, 1.0))
+    miou = row["miou"]
+    assert (miou["walk"], miou["shipped"]) == (0.55, 0.6)  # read from the summaries refine_table wrote
+    assert all(miou[k] > miou["crf"] for k in rh.ORACLES)
+    text = rh.table({("F3", "cam_cnn"): [row]})
+    assert "| F3 (held out) | `demo/cam_cnn` | 1 |" in text and "(fill)" in text and "100% / 8.3 (100% far) | 1.00 |" in text
