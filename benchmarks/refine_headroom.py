@@ -54,14 +54,13 @@ def near_objects(gt: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(~objects) <= max(2, int(0.05 * min(gt.shape)))
 
 
-def error_pixels(pred: np.ndarray, gt: np.ndarray) -> dict[str, int]:
-    """Counts of the four kinds of wrong pixels of PRED against GT (`near_objects` decides near and far),
-    and of the labelled pixels."""
+def error_pixels(pred: np.ndarray, gt: np.ndarray, near: np.ndarray) -> dict[str, int]:
+    """Counts of the four kinds of wrong pixels of PRED against GT (NEAR: `near_objects(gt)`, which decides
+    near and far), and of the labelled pixels."""
     valid = gt != IGNORE
     objects = valid & (gt > 0)
     drawn = (pred > 0) & (pred != IGNORE)
     on_background = drawn & valid & (gt == 0)
-    near = near_objects(gt)
     return {"labelled": int(valid.sum()), "near": int((on_background & near).sum()),
             "far": int((on_background & ~near).sum()), "missed": int((objects & ~drawn).sum()),
             "confused": int((objects & drawn & (pred != gt)).sum())}
@@ -93,13 +92,14 @@ def cell(root: Path, run: Path, preset: str) -> dict | None:
         if not pred.shape == walked.shape == gt.shape:
             raise ValueError(f"{crf / path.name}: CRF mask {pred.shape}, walk mask {walked.shape} and ground truth "
                              f"{gt.shape} differ in size")
-        for key, value in error_pixels(pred, gt).items():
+        near = near_objects(gt)
+        for key, value in error_pixels(pred, gt, near).items():
             counts[key] += value
         # what the walk does where the CRF masks say background (all that `fill` takes from it)
         counts["recovered"] += int(((pred == 0) & (gt > 0) & (gt != IGNORE) & (walked == gt)).sum())
         added = (pred == 0) & (gt == 0) & (walked > 0) & (walked != IGNORE)
         counts["added"] += int(added.sum())
-        counts["added_far"] += int((added & ~near_objects(gt)).sum())
+        counts["added_far"] += int((added & ~near).sum())
         truth = mask_tensor(gt)
         matrices["crf"].update(mask_tensor(pred), truth)
         for kind in ORACLES:
