@@ -127,9 +127,14 @@ def cell(family: str, preset: str, seed: int, data: Path, work: Path, extra: lis
     return _row(summary, family, preset, seed)
 
 
+def family_label(family: str) -> str:
+    """A family's name with its role, as every table here prints it."""
+    return f"{family} (tuning)" if family == "F0" else f"{family} (held out)"
+
+
 def table(rows: list[dict], families: list[str], presets: list[str]) -> str:
     """Markdown: a row per preset, a column per family; mean +- sd (n: each seed; predicted fg range)."""
-    head = "| preset | " + " | ".join(f"{f}{' (tuning)' if f == 'F0' else ' (held out)'}" for f in families) + " |"
+    head = "| preset | " + " | ".join(family_label(f) for f in families) + " |"
     lines = [head, "|---|" + "---|" * len(families)]
     for p in presets:
         cells = []

@@ -36,14 +36,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from wsss.evaluation.metrics import ConfusionMatrix, mask_tensor
-from wsss.io import read_mask
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from family_table import family_label  # noqa: E402
+
+from wsss.evaluation.metrics import ConfusionMatrix, mask_tensor  # noqa: E402
+from wsss.io import read_mask  # noqa: E402
+from wsss.methods.affinity import AffinityConfig, merge_mode  # noqa: E402
 
 IGNORE = 255
 KINDS = ("near", "far", "missed", "confused")  # the CRF masks' errors, as in the module docstring
 ORACLES = ("missed", "false_fg", "confused")
-SHIPPED = {"tkp_pcl": "relabel"}  # `merge: auto` (wsss.methods.affinity.merge_mode): relabel for background-channel seeds
-DEFAULT_MERGE = "fill"  # ... and fill for the seeds cut at a threshold (the CAM / USAGE presets)
 
 
 def near_objects(gt: np.ndarray) -> np.ndarray:
@@ -76,12 +78,23 @@ def oracle(kind: str, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.where(drawn & (gt > 0) & (gt != IGNORE), gt, pred)  # confused
 
 
-def cell(root: Path, run: Path, preset: str) -> dict | None:
+def shipped_merge(run: Path) -> str | None:
+    """The merge `method.merge: auto` applies to RUN's seeds given their CRF masks (fill for seeds cut at a
+    threshold, relabel for a background channel), from the seeds' own protocol; None without their summary."""
+    summary = run / "pseudo_train_maps" / "summary.json"
+    if not summary.exists():
+        return None
+    threshold = (json.loads(summary.read_text()).get("protocol") or {}).get("bg_threshold")
+    return merge_mode(AffinityConfig(merge="auto"), threshold, crf_masks=True)
+
+
+def cell(root: Path, run: Path) -> dict | None:
     """One run's CRF error shares and the mIoU of the CRF masks, the oracles, the walk and the shipped masks."""
-    crf, walk = run / "pseudo_train_crf", run / "refine_train"
-    shipped = run / f"refine_train_{SHIPPED.get(preset, DEFAULT_MERGE)}"
-    if not all((f / "summary.json").exists() for f in (crf, walk, shipped)):
-        print(f"skipped {run}: no CRF, walk or merged masks (run benchmarks/refine_table.py first)", file=sys.stderr)
+    crf, walk, merge = run / "pseudo_train_crf", run / "refine_train", shipped_merge(run)
+    shipped = run / f"refine_train_{merge}"
+    if merge is None or not all((f / "summary.json").exists() for f in (crf, walk, shipped)):
+        print(f"skipped {run}: no seeds, CRF, walk or merged masks (run benchmarks/refine_table.py first)",
+              file=sys.stderr)
         return None
     names = list(json.loads((crf / "summary.json").read_text())["per_class"])
     matrices = {key: ConfusionMatrix(len(names)) for key in ("crf", *ORACLES)}
@@ -108,7 +121,7 @@ def cell(root: Path, run: Path, preset: str) -> dict | None:
     # the walk's and the shipped masks' scores are the ones refine_table wrote, over the same images
     miou["walk"] = json.loads((walk / "summary.json").read_text())["miou"]
     miou["shipped"] = json.loads((shipped / "summary.json").read_text())["miou"]
-    return {"miou": miou, "errors": {k: counts[k] / max(counts["labelled"], 1) for k in KINDS},
+    return {"merge": merge, "miou": miou, "errors": {k: counts[k] / max(counts["labelled"], 1) for k in KINDS},
             "walk_recovers": counts["recovered"] / max(counts["missed"], 1),
             "walk_adds": counts["added"] / max(counts["labelled"], 1),
             "walk_adds_far": counts["added_far"] / max(counts["added"], 1),
@@ -129,10 +142,10 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
     for (family, preset), rows in cells.items():
         errors = " / ".join(f"{statistics.fmean(r['errors'][k] for r in rows) * 100:.1f}" for k in KINDS)
         lines.append(
-            f"| {family}{' (tuning)' if family == 'F0' else ' (held out)'} | `demo/{preset}` | {len(rows)} "
+            f"| {family_label(family)} | `demo/{preset}` | {len(rows)} "
             f"| {statistics.fmean(r['miou']['crf'] for r in rows):.3f} | {errors} | "
             + " | ".join(_mean_points(rows, k) for k in (*ORACLES, "walk", "shipped"))
-            + f" ({SHIPPED.get(preset, DEFAULT_MERGE)}) | {statistics.fmean(r['walk_recovers'] for r in rows):.0%} / "
+            + f" ({rows[0]['merge']}) | {statistics.fmean(r['walk_recovers'] for r in rows):.0%} / "
             f"{statistics.fmean(r['walk_adds'] for r in rows) * 100:.1f} "
             f"({statistics.fmean(r['walk_adds_far'] for r in rows):.0%} far) "
             f"| {statistics.fmean(r['walk_false_per_recovered'] for r in rows):.2f} |")
@@ -152,7 +165,7 @@ def main() -> None:
         for preset in args.presets:
             rows = []
             for seed in args.seeds:
-                row = cell(args.data / family, args.work / family / f"{preset}_s{seed}", preset)
+                row = cell(args.data / family, args.work / family / f"{preset}_s{seed}")
                 if row is not None:
                     rows.append(row)
                     print(json.dumps({"family": family, "preset": preset, "seed": seed, **row}), flush=True)

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_table import FAMILIES, _train, _wsss, cell, make_family, stage2  # noqa: E402
+from family_table import FAMILIES, _train, _wsss, cell, family_label, make_family, stage2  # noqa: E402
 
 from wsss.evaluation.metrics import ConfusionMatrix, mask_tensor  # noqa: E402
 from wsss.io import atomic_write_json, read_mask, write_mask  # noqa: E402
@@ -152,7 +152,7 @@ def table(rows: list[dict]) -> str:
     for f, p, name in dict.fromkeys((r["family"], r["preset"], r["refine"]) for r in rows):
         got = sorted((r for r in rows if (r["family"], r["preset"], r["refine"]) == (f, p, name)), key=lambda r: r["seed"])
         lines.append(
-            f"| {f}{' (tuning)' if f == 'F0' else ' (held out)'} | `demo/{p}` | {name} | {', '.join(str(r['seed']) for r in got)} "
+            f"| {family_label(f)} | `demo/{p}` | {name} | {', '.join(str(r['seed']) for r in got)} "
             f"| {_stat([r['seeds'] for r in got])} | {_stat([r['crf'] for r in got])} | {_stat([r['refined'] for r in got])} "
             f"| {gain(got, 'refined')} | {_stat([r['fill'] for r in got])} | {gain(got, 'fill')} "
             f"| {optional(got, 'relabel')} "

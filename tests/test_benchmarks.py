@@ -398,11 +398,13 @@ def test_refine_headroom_splits_the_crf_errors_and_puts_each_kind_right(bench, t
     assert rh.oracle("missed", crf, gt).tolist() == [[1, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 2]]
     assert rh.oracle("false_fg", crf, gt).tolist() == [[1, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0]]
     assert rh.oracle("confused", crf, gt).tolist() == [[1, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 2]]
-    assert rh.cell(root, run, "cam_cnn") is None  # no masks yet: skipped, not an error
+    assert rh.cell(root, run) is None  # no masks yet: skipped, not an error
+    (run / "pseudo_train_maps").mkdir(parents=True)  # seeds cut at a threshold: `auto` ships fill
+    (run / "pseudo_train_maps" / "summary.json").write_text(json.dumps({"protocol": {"bg_threshold": 0.5}}))
     _fake_masks(run / "pseudo_train_crf", 0.5, crf.tolist())
     _fake_masks(run / "refine_train", 0.55, walk.tolist())
     _fake_masks(run / "refine_train_fill", 0.6, MERGES["fill"](crf, walk).tolist())
-    row = rh.cell(root, run, "cam_cnn")
+    row = rh.cell(root, run)
     assert row["errors"] == pytest.approx(dict.fromkeys(rh.KINDS, 1 / 12))
     assert (row["walk_recovers"], row["walk_adds"], row["walk_adds_far"]) == pytest.approx((1.0, 1 / 12, 1.0))
     miou = row["miou"]
