@@ -94,6 +94,55 @@ def crf_pool(crf_cfg):
     return CRFPool(crf_cfg.workers)
 
 
+def _override_infer(infer, **values) -> None:
+    """The command line's inference settings over the run's (None: keep the run's)."""
+    casts = {"scales": lambda v: [float(s) for s in v], "flip": bool, "bg_threshold": float, "absent": str}
+    for key, value in values.items():
+        if value is not None:
+            setattr(infer, key, casts[key](value))
+
+
+def _open_split(cfg, class_names: list[str], data_root, split: str, data_format: str | None, skip_bad: bool):
+    """The split to label, checked against the run's classes. The run's format and tags file apply only
+    when it is the run's own data root; elsewhere the layout is detected."""
+    from wsss.data import open_dataset
+
+    same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
+    fmt = data_format or (cfg.data.format if same_root else "auto")
+    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "", strict=not skip_bad)
+    if ds.num_classes != len(class_names):
+        raise DataError(f"{data_root}: {ds.num_classes} classes, but the run was trained on {len(class_names)} "
+                        f"({', '.join(class_names)})")
+    if list(ds.class_names) != list(class_names):
+        print(f"warning: the class names of {data_root} differ from the run's classes.json", file=sys.stderr)
+    return ds
+
+
+def _mask_settings(infer, weights, split: str, crf: bool, predicted_tags: bool) -> dict:
+    """What made a folder's masks (OUT/pseudo_label.json): a resume must use the same."""
+    return {
+        "checkpoint": str(Path(weights).resolve()),
+        "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": infer.scales,
+        "flip": infer.flip, "size": infer.size, "bg_threshold": infer.bg_threshold,
+        "bg_alpha": infer.bg_alpha, "crf_config": dataclasses.asdict(infer.crf) if crf else None,
+        # only when not the default, so folders written before these keys existed still resume
+        **({"resize": infer.resize} if infer.resize != "short" else {}),
+        **({"normalise": infer.normalise} if infer.normalise != "full" else {}),
+        **({"absent": infer.absent} if infer.absent != "drop" else {}),
+    }
+
+
+def _write_sweep(out_dir: Path, sweep_cm, common: dict, proto: dict) -> dict:
+    """OUT/sweep.json: the mIoU at each background threshold, and the best; returns those figures."""
+    table = {t: sweep_cm[t].compute()["miou"] for t in sweep_cm.keys()}
+    best, res = sweep_cm.best()
+    atomic_write_json(out_dir / "sweep.json", {
+        **common, "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
+        "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {common['split']}"},
+    })
+    return {"sweep": table, "best_threshold": best, "best_miou": res["miou"]}
+
+
 def _check_settings(path: Path, settings: dict) -> None:
     """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch (the
     CRF's worker count changes no mask, so it may differ)."""
@@ -139,30 +188,15 @@ def pseudo_label(
     Every JSON written carries a `protocol` (wsss.provenance.protocol; `threshold_source` says how the
     background threshold was chosen, default "fixed") and OUT/env.json records the environment.
     """
-    from wsss.data import open_dataset
     from wsss.evaluation.metrics import ConfusionMatrix, MultiConfusion
     from wsss.provenance import checkpoint_label, protocol, write_env
 
     t0 = time.time()
     dev = resolve_device(device)
     cfg, method, class_names = load_run(run_dir, checkpoint, dev)
-    if scales is not None:
-        cfg.infer.scales = [float(s) for s in scales]
-    if flip is not None:
-        cfg.infer.flip = bool(flip)
-    if bg_threshold is not None:
-        cfg.infer.bg_threshold = float(bg_threshold)
-    if absent is not None:
-        cfg.infer.absent = absent
-    same_root = bool(cfg.data.root) and Path(data_root).resolve() == Path(cfg.data.root).resolve()
-    fmt = data_format or (cfg.data.format if same_root else "auto")
-    ds = open_dataset(data_root, split, fmt, cfg.data.tags_file if same_root else "", strict=not skip_bad)
+    _override_infer(cfg.infer, scales=scales, flip=flip, bg_threshold=bg_threshold, absent=absent)
+    ds = _open_split(cfg, class_names, data_root, split, data_format, skip_bad)
     skipped = [" ".join(p.split()) for p in getattr(ds, "problems", [])]
-    if ds.num_classes != len(class_names):
-        raise DataError(f"{data_root}: {ds.num_classes} classes, but the run was trained on {len(class_names)} "
-                        f"({', '.join(class_names)})")
-    if list(ds.class_names) != list(class_names):
-        print(f"warning: the class names of {data_root} differ from the run's classes.json", file=sys.stderr)
     out_dir = Path(out_dir)
     sweep = sorted({float(t) for t in sweep_thresholds}) if sweep_thresholds else None
     if sweep is not None:
@@ -176,16 +210,8 @@ def pseudo_label(
 
     done: set[int] = set()
     if sweep is None:
-        _check_settings(out_dir / "pseudo_label.json", {
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else str(Path(run_dir).resolve()),
-            "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales,
-            "flip": cfg.infer.flip, "size": cfg.infer.size, "bg_threshold": cfg.infer.bg_threshold,
-            "bg_alpha": cfg.infer.bg_alpha, "crf_config": dataclasses.asdict(cfg.infer.crf) if crf else None,
-            # only when not the default, so folders written before these keys existed still resume
-            **({"resize": cfg.infer.resize} if cfg.infer.resize != "short" else {}),
-            **({"normalise": cfg.infer.normalise} if cfg.infer.normalise != "full" else {}),
-            **({"absent": cfg.infer.absent} if cfg.infer.absent != "drop" else {}),
-        })
+        _check_settings(out_dir / "pseudo_label.json",
+                        _mask_settings(cfg.infer, checkpoint or run_dir, split, crf, predicted_tags))
         for i, id_ in enumerate(ds.ids):
             if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
                 done.add(i)
@@ -258,19 +284,12 @@ def pseudo_label(
     result: dict = {"split": split, "num_images": len(ds), "computed": computed, "out_dir": str(out_dir)}
     if skipped:
         result["skipped"] = skipped
+    common = {"split": split, "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip}
     if sweep_cm is not None:
-        table = {t: sweep_cm[t].compute()["miou"] for t in sweep}
-        best, res = sweep_cm.best()
-        result.update(sweep=table, best_threshold=best, best_miou=res["miou"])
-        atomic_write_json(out_dir / "sweep.json", {
-            "split": split, "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
-            "sweep": {f"{t:g}": m for t, m in table.items()}, "best_threshold": best, "best_miou": res["miou"],
-            "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {split}"},
-        })
+        result.update(_write_sweep(out_dir, sweep_cm, common, proto))
     else:  # the metric with masks; the diagnostics always
         summary = {**(cm.as_json(ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
-                   "predicted_tags": bool(predicted_tags), "scales": cfg.infer.scales, "flip": cfg.infer.flip,
-                   **({"skipped": skipped} if skipped else {}), "protocol": proto,
+                   **common, **({"skipped": skipped} if skipped else {}), "protocol": proto,
                    "diagnostics": diag.summary(has_background=bool(method.has_background) or not method.uses_tags)}
         if summary["diagnostics"]["alarm"]:
             print(f"warning: {out_dir}: {summary['diagnostics']['alarm']}", file=sys.stderr)
