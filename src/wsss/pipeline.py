@@ -176,30 +176,10 @@ def run_chain(
                                   threshold, source, overrides, refine_config, progress, crf)
 
     if segment:
-        from wsss.segment.predict import predict_dataset
-        from wsss.segment.train import train_segmenter
-
-        seg_dir = out / "segment"
-        shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in STAGE2_KEYS]
-        seg_cfg = load_config(segment_config or cfg.pipeline.segment, [f"data.root={data_root}", *shared])
-        pseudo_train = out / OUTPUTS[train_key][1]
         summary["stage2_masks"] = OUTPUTS[train_key][1]
-        stages("segment", seg_dir, "stage 2: a segmentation network trained on the train pseudo masks",
-               lambda: train_segmenter(seg_cfg, pseudo_train, seg_dir, resume=(seg_dir / "last.pt").is_file()),
-               deps=(train_key,))
-        if val_masks is not None:
-            for key, with_crf, message in (
-                ("segment_val", False, f"stage-2 predictions on {val_split}"),
-                ("segment_val_crf", True, "stage-2 predictions refined by a dense CRF over the predicted classes"),
-            ):
-                if with_crf and not crf:
-                    continue
-                folder = out / OUTPUTS[key][1]
-                res = stages(key, folder, message,
-                             lambda folder=folder, with_crf=with_crf: predict_dataset(
-                                 seg_dir, data_root, val_split, folder, crf=with_crf, progress=progress),
-                             deps=("segment",))
-                record(key, res)
+        seg_config = segment_config or cfg.pipeline.segment
+        _segment_stage(stages, record, seg_config, out, data_root, train_key, val_split if val_masks is not None else None,
+                       overrides, crf, progress)
 
     from wsss.report.html import write_report
 
@@ -218,6 +198,36 @@ def run_chain(
     summary["total_seconds"] = round(sum(stages.timings.values()), 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _segment_stage(stages, record, seg_config, out, data_root, train_key, val_split, overrides, crf,
+                   progress) -> None:
+    """`run_chain`'s stage 2: the segmenter trained on OUTPUTS[train_key]'s masks, then its val
+    predictions (and with `crf` the same through a dense CRF) when `val_split` is given."""
+    from wsss.segment.predict import predict_dataset
+    from wsss.segment.train import train_segmenter
+
+    seg_dir = out / "segment"
+    shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in STAGE2_KEYS]
+    seg_cfg = load_config(seg_config, [f"data.root={data_root}", *shared])
+    pseudo_train = out / OUTPUTS[train_key][1]
+    stages("segment", seg_dir, "stage 2: a segmentation network trained on the train pseudo masks",
+           lambda: train_segmenter(seg_cfg, pseudo_train, seg_dir, resume=(seg_dir / "last.pt").is_file()),
+           deps=(train_key,))
+    if val_split is None:
+        return
+    for key, with_crf, message in (
+        ("segment_val", False, f"stage-2 predictions on {val_split}"),
+        ("segment_val_crf", True, "stage-2 predictions refined by a dense CRF over the predicted classes"),
+    ):
+        if with_crf and not crf:
+            continue
+        folder = out / OUTPUTS[key][1]
+        res = stages(key, folder, message,
+                     lambda folder=folder, with_crf=with_crf: predict_dataset(
+                         seg_dir, data_root, val_split, folder, crf=with_crf, progress=progress),
+                     deps=("segment",))
+        record(key, res)
 
 
 def _refine_stage(stages, record, cfg, out, run_dir, data_root, split, has_masks, threshold, source, overrides,
