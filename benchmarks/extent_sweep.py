@@ -8,12 +8,17 @@ class maps a run saved (`wsss pseudo-label RUN --data D --split val --out RUN/ps
   pixels go to a class; p = 1 is the masks as the preset makes them.
 - `--mode threshold`: the background channel ignored, as the CAM presets do: a pixel takes its top tagged
   class where that class's max-normalised map exceeds t, else the background.
+- `--mode component`: the masks as made, then each class keeps only its connected regions whose peak
+  probability is at least r x that class's best region's peak (r = 0: all kept). Asks whether the false
+  regions far from the objects (clutter) carry weaker evidence than the objects; works on any preset's
+  maps, CAM presets included (their background channel is the constant threshold).
 
 Each setting is scored against the ground truth (val mIoU, the saved tags, no CRF) with the predicted
 foreground share. The maps are read once per run; every setting reuses them.
 
     python benchmarks/extent_sweep.py DATA RUN/pseudo_maps [RUN2/pseudo_maps ...] --mode power --values 1 0.8 0.6
     python benchmarks/extent_sweep.py DATA RUN/pseudo_maps ... --mode threshold --values 0.3 0.4 0.5 0.6
+    python benchmarks/extent_sweep.py DATA RUN/pseudo_train_maps ... --mode component --values 0 0.7 0.9 1
 
 One row per run and a mean row; the run's classes come from RUN/classes.json (the folder's parent).
 
@@ -43,7 +48,25 @@ def masks(probs: torch.Tensor, keep: list[int], mode: str, value: float) -> torc
     the engine's own argmax (`seed_mask`) and threshold (`_threshold_mask`, as `--sweep-threshold` cuts)."""
     if mode == "power":
         return torch.from_numpy(seed_mask(keep, torch.cat([probs[:1].clamp_min(0).pow(value), probs[1:]])))
+    if mode == "component":
+        return torch.from_numpy(strongest_regions(keep, probs, value))
     return _threshold_mask(keep, probs, value)
+
+
+def strongest_regions(keep: list[int], probs: torch.Tensor, ratio: float) -> np.ndarray:
+    """The seed mask with each class's connected regions (8-connected) whose peak is under `ratio` x the
+    class's best region's peak given to the background."""
+    from scipy import ndimage as ndi
+
+    arg = probs.argmax(0).numpy()
+    out = np.asarray(keep, dtype=np.uint8)[arg]
+    for k in range(1, len(keep)):
+        regions, n = ndi.label(arg == k, structure=np.ones((3, 3)))
+        if n < 2 or ratio <= 0:
+            continue
+        peaks = ndi.maximum(probs[k].float().numpy(), regions, index=np.arange(1, n + 1))
+        out[np.isin(regions, np.flatnonzero(peaks < ratio * peaks.max()) + 1)] = 0
+    return out
 
 
 def _saved(maps_dir: Path, masks_dir: Path):
@@ -91,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path, help="dataset root (VOC layout)")
     ap.add_argument("maps", type=Path, nargs="+", help="pseudo-label --save-maps folders")
-    ap.add_argument("--mode", choices=("power", "threshold"), default="power")
+    ap.add_argument("--mode", choices=("power", "threshold", "component"), default="power")
     ap.add_argument("--values", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
     ap.add_argument("--calibrate", action="store_true", help="p per run from its CRF masks (see above)")
     args = ap.parse_args(argv)
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         return
     rows = {str(m): sweep(args.data, m, args.mode, args.values) for m in args.maps}
-    key = "p" if args.mode == "power" else "t"
+    key = {"power": "p", "threshold": "t", "component": "r"}[args.mode]
     print("| run | " + " | ".join(f"{key}={v:g}" for v in args.values) + " |")
     print("|---|" + "---:|" * len(args.values))
     for name, res in rows.items():

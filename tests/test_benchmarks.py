@@ -382,6 +382,25 @@ def test_extent_sweep_moves_the_background_decision_and_calibrates_on_the_crf(be
     assert "| 0.5 |" in capsys.readouterr().out
 
 
+def test_extent_sweep_component_mode_drops_the_weaker_regions_of_a_class(bench, tmp_path):
+    """One 1x7 image, class 2 wins two regions (peaks 0.9 and 0.6) apart: r = 0.5 keeps both, r = 0.8 sends
+    the weaker one to the background, which is what the ground truth says."""
+    from PIL import Image
+
+    es = bench("extent_sweep")
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "SegmentationClass").mkdir(parents=True)
+    Image.fromarray(np.array([[2, 2, 0, 0, 0, 0, 0]], np.uint8)).save(data / "SegmentationClass" / "a.png")
+    (run / "pseudo_maps" / "maps").mkdir(parents=True)
+    (run / "classes.json").write_text(json.dumps(["background", "x", "y"]))
+    probs = np.array([[[0.5] * 7], [[0.9, 0.8, 0.1, 0.1, 0.6, 0.55, 0.1]]], np.float16)
+    np.savez(run / "pseudo_maps" / "maps" / "a.npz", probs=probs, classes=np.array([0, 2], np.int16))
+
+    res = es.sweep(data, run / "pseudo_maps", "component", [0.0, 0.5, 0.8])
+    assert res[0.0][1] == pytest.approx(4 / 7) and res[0.5][1] == pytest.approx(4 / 7)
+    assert res[0.8][1] == pytest.approx(2 / 7) and res[0.8][0] == pytest.approx(1.0)
+
+
 def test_refine_headroom_splits_the_crf_errors_and_puts_each_kind_right(bench, tmp_path):
     """The CRF masks' wrong pixels by kind (near / far false foreground, missed, confused), one oracle per kind
     that puts only that kind right from the ground truth, and what the walk does on the CRF's background."""
