@@ -526,6 +526,11 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                                    epoch, progress and main)
             last_miou = miou if val_raw is not None else last_miou
         if epoch + 1 == end and cycles[0] == 0 and t.extend_unrecognised > 0 and _extend(cfg, method, train_raw, info, record, cycles):
+            # the run was just judged not to pick its tags, and its lr jumps back to the top: a loss held
+            # back until recognition (PCE) waits for an epoch of the extra schedule that passes again (F1
+            # seed 2: one PCE epoch at the restarted lr took the batches' tag hit from 0.64 to 0.21, never back)
+            if "recognised" in record:
+                method.recognised = record["recognised"] = False
             if main:  # the weights before the extra schedule, for `pseudo-label --checkpoint RUN/first_schedule.pt`:
                 #       longer training can spread the maps of a nearly recognising classifier (RESULTS.md, "Transfer")
                 save_checkpoint(out / FIRST_SCHEDULE, {"model": method.state_dict(), "epoch": epoch + 1})

@@ -84,6 +84,8 @@ class PCEConfig:
     # patches the classifier itself is confident about; before it tells the classes apart that groups the wrong
     # patches and holds recognition back (held-out ten-digit F1: MCE 0.29 after 18 epochs with PCE from
     # epoch 2 against 0.11 without; benchmarks/RESULTS.md, "Transfer"). 0: off (the paper's schedule).
+    # A run the trainer extends (train.extend_unrecognised) starts its extra schedule unrecognised, so PCE
+    # waits there for an epoch that passes again, not for the lr's restart.
     after_recognition: float = 0.0
     # > 0: PCE acts on a small projection (1x1 conv, ReLU, 1x1 conv to this many channels) of the patch
     # embeddings instead of on the embeddings themselves, as contrastive methods do (SimCLR's projection
