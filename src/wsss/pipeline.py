@@ -177,9 +177,9 @@ def run_chain(
 
     if segment:
         summary["stage2_masks"] = OUTPUTS[train_key][1]
-        seg_config = segment_config or cfg.pipeline.segment
-        _segment_stage(stages, record, seg_config, out, data_root, train_key, val_split if val_masks is not None else None,
-                       overrides, crf, progress)
+        predict_split = val_split if val_masks is not None else None  # a val split without masks: predictions only
+        _segment_stage(stages, record, segment_config or cfg.pipeline.segment, out, data_root, train_key,
+                       predict_split, overrides, crf, progress)
 
     from wsss.report.html import write_report
 
