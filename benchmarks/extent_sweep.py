@@ -60,9 +60,11 @@ def strongest_regions(keep: list[int], probs: torch.Tensor, ratio: float) -> np.
 
     arg = probs.argmax(0).numpy()
     out = np.asarray(keep, dtype=np.uint8)[arg]
+    if ratio <= 0:  # every region kept: the masks as made
+        return out
     for k in range(1, len(keep)):
         regions, n = ndi.label(arg == k, structure=np.ones((3, 3)))
-        if n < 2 or ratio <= 0:
+        if n < 2:
             continue
         peaks = ndi.maximum(probs[k].float().numpy(), regions, index=np.arange(1, n + 1))
         out[np.isin(regions, np.flatnonzero(peaks < ratio * peaks.max()) + 1)] = 0

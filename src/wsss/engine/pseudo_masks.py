@@ -118,18 +118,20 @@ def _open_split(cfg, class_names: list[str], data_root, split: str, data_format:
     return ds
 
 
-def _mask_settings(infer, weights, split: str, crf: bool, predicted_tags: bool) -> dict:
-    """What made a folder's masks (OUT/pseudo_label.json): a resume must use the same."""
-    return {
+def _claim_mask_settings(path: Path, infer, weights, split: str, crf: bool, predicted_tags: bool) -> None:
+    """Resuming into a folder is only safe with the settings that made its masks (OUT/pseudo_label.json):
+    refuse a mismatch. The CRF's worker count changes no mask, so it is left out and may differ."""
+    crf_config = {k: v for k, v in dataclasses.asdict(infer.crf).items() if k != "workers"} if crf else {}
+    claim_settings(path, {
         "checkpoint": str(Path(weights).resolve()),
         "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": infer.scales,
         "flip": infer.flip, "size": infer.size, "bg_threshold": infer.bg_threshold,
-        "bg_alpha": infer.bg_alpha, "crf_config": dataclasses.asdict(infer.crf) if crf else None,
+        "bg_alpha": infer.bg_alpha, "crf_config": crf_config,
         # only when not the default, so folders written before these keys existed still resume
         **({"resize": infer.resize} if infer.resize != "short" else {}),
         **({"normalise": infer.normalise} if infer.normalise != "full" else {}),
         **({"absent": infer.absent} if infer.absent != "drop" else {}),
-    }
+    }, "pseudo masks")
 
 
 def _write_sweep(out_dir: Path, sweep_cm, common: dict, proto: dict) -> dict:
@@ -141,13 +143,6 @@ def _write_sweep(out_dir: Path, sweep_cm, common: dict, proto: dict) -> dict:
         "protocol": {**proto, "bg_threshold": None, "bg_threshold_chosen": f"swept on {common['split']}"},
     })
     return {"sweep": table, "best_threshold": best, "best_miou": res["miou"]}
-
-
-def _check_settings(path: Path, settings: dict) -> None:
-    """Resuming into a folder is only safe with the settings that made its masks: refuse a mismatch (the
-    CRF's worker count changes no mask, so it may differ)."""
-    crf_config = {k: v for k, v in (settings["crf_config"] or {}).items() if k != "workers"}
-    claim_settings(path, {**settings, "crf_config": crf_config}, "pseudo masks")
 
 
 def pseudo_label(
@@ -210,8 +205,7 @@ def pseudo_label(
 
     done: set[int] = set()
     if sweep is None:
-        _check_settings(out_dir / "pseudo_label.json",
-                        _mask_settings(cfg.infer, checkpoint or run_dir, split, crf, predicted_tags))
+        _claim_mask_settings(out_dir / "pseudo_label.json", cfg.infer, checkpoint or run_dir, split, crf, predicted_tags)
         for i, id_ in enumerate(ds.ids):
             if (out_dir / f"{id_}.png").is_file() and (not save_maps or (out_dir / "maps" / f"{id_}.npz").is_file()):
                 done.add(i)
