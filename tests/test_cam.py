@@ -94,6 +94,28 @@ def test_tau_changes_the_generation_loss():
             assert m.forward_losses(images, labels, 0)["gen"].item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_absent_k_scores_absent_classes_by_their_peak():
+    # One absent class with a false region of 2 positions out of 64 (a distractor): under GAP its score
+    # barely rises, so the loss barely pushes the region down; with absent_k its top positions are its score.
+    maps = torch.full((1, 2, 8, 8), -2.0)
+    maps[0, 1, 3, 3:5] = 4.0  # class 1 is absent, yet fires on two positions
+    maps[0, 0, 2:6, 2:6] = 3.0  # class 0 is present on a 4 x 4 object
+    labels = torch.tensor([[1.0, 0.0]])
+    _, gap = generation_loss(maps, labels, math.inf)
+    _, mixed = generation_loss(maps, labels, math.inf, absent_k=2 / 64)
+    assert mixed[0, 0] == pytest.approx(gap[0, 0].item())  # the present class keeps its pool
+    assert gap[0, 1].item() == pytest.approx((2 * 4.0 - 62 * 2.0) / 64)
+    assert mixed[0, 1].item() == pytest.approx(4.0)  # the mean of its top 2 positions
+    grads = []
+    for k in (0.0, 2 / 64):
+        a = maps.clone().requires_grad_(True)
+        generation_loss(a, labels, math.inf, absent_k=k)[0].backward()
+        grads.append(a.grad[0, 1, 3, 3].item())
+    assert grads[0] > 0 and grads[1] > 20 * grads[0]  # the false region is pushed down far harder
+    with pytest.raises(ConfigError, match="absent_k"):
+        CAMMethod(CAMConfig(absent_k=1.5), None, NUM_CLASSES, backbone=FakeBackbone())
+
+
 def test_reg_loss_is_restricted_to_present_classes():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)

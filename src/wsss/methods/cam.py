@@ -59,7 +59,7 @@ from torch import nn
 
 from wsss.errors import ConfigError
 from wsss.methods.base import Method
-from wsss.pooling import spatial_softmax, temperature_pool
+from wsss.pooling import spatial_softmax, temperature_pool, topk_pool
 
 #: tau per backbone kind (deterministic principle) for the paper-scale recipes. Transformer: the demo's tau
 #: sweep (benchmarks/RESULTS.md) confirms the sign and fixes the size (4). CNN: the paper's sign; the demo's
@@ -103,6 +103,12 @@ class CAMConfig:
     #                          each map (bounded, scale-free: see the module docstring)
     drop: float = 0.0  # dropout on the feature grid before the classifier in training (when REG is on,
     #                    the student uses reg.student_drop instead)
+    absent_k: float = 0.0  # > 0: the classes the tags rule out are scored by the mean of their top
+    #                        absent_k fraction of positions instead of the generation pool (0: off, the
+    #                        papers' form). Why: under GAP a false region of an absent class that covers a
+    #                        few positions (a distractor shaped like an object) moves its score by a few
+    #                        hundredths, so the loss hardly pushes it down; its peak moves the score fully
+    #                        (see generation_loss)
     reg: RegConfig = field(default_factory=RegConfig)
 
 
@@ -123,10 +129,18 @@ def generation_scores(maps: torch.Tensor, tau: float, tau_mode: str = "plain") -
 
 
 def generation_loss(
-    maps: torch.Tensor, labels: torch.Tensor, tau: float, tau_mode: str = "plain"
+    maps: torch.Tensor, labels: torch.Tensor, tau: float, tau_mode: str = "plain", absent_k: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_GEN and the scores s [B, C] for activation maps [B, C, h, w] (or [B, C, N])."""
+    """L_GEN and the scores s [B, C] for activation maps [B, C, h, w] (or [B, C, N]).
+
+    `absent_k` > 0: a class absent from an image (label 0) is scored by the mean of its top `absent_k`
+    fraction of positions (`topk_pool`), a present one by the generation pool as before. The present
+    classes' extent is what tau shapes; the absent ones only need to be low everywhere, and their peak is
+    where they are not."""
     scores = generation_scores(maps, tau, tau_mode)
+    if absent_k > 0:
+        peaks = topk_pool(maps.flatten(2).float(), float(absent_k))
+        scores = torch.where(labels > 0.5, scores, peaks)
     return F.multilabel_soft_margin_loss(scores, labels.float()), scores
 
 
@@ -236,7 +250,7 @@ class CAMMethod(Method):
         drop = reg_cfg.student_drop if self.teacher is not None else self.cfg.drop
         if self.teacher is None:
             maps = self._maps(self, images, drop)
-            gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode)
+            gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode, self.cfg.absent_k)
             return {"loss": gen, "gen": gen, "reg": gen.new_zeros(())}
         # The teacher runs in the student's per-module modes: a BatchNorm the trainer froze (frozen
         # blocks, train.freeze_bn) is frozen in the teacher too, instead of normalising by the batch.
@@ -246,7 +260,7 @@ class CAMMethod(Method):
         outputs: dict[int, object] = {}
         with record_outputs(student_mods, outputs):
             maps = self._maps(self, images, drop)
-        gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode)
+        gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode, self.cfg.absent_k)
         with torch.no_grad(), replay_outputs(teacher_mods, outputs), _teacher_autocast(reg_cfg.teacher_amp, images):
             t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
         reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
@@ -325,6 +339,8 @@ def _check(cfg: CAMConfig) -> None:
     r = cfg.reg
     if cfg.tau == 0 or math.isnan(cfg.tau):
         raise ConfigError(f"method.tau: must be non-zero (inf = GAP), got {cfg.tau}")
+    if not 0.0 <= cfg.absent_k <= 1.0:
+        raise ConfigError(f"method.absent_k: a fraction of positions in [0, 1] (0 = off), got {cfg.absent_k}")
     if cfg.tau_mode not in TAU_MODES:
         raise ConfigError(f"method.tau_mode: one of {', '.join(TAU_MODES)}, got {cfg.tau_mode!r}")
     for key, v in (
