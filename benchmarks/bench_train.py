@@ -37,11 +37,21 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.utils.flop_counter as fc
-from common import CPUShare, RSSPeak, machine, matmul_peak, run_isolated, sync, table, timings, write_section
+from common import (
+    CPUShare,
+    RSSPeak,
+    machine,
+    matmul_peak,
+    run_isolated,
+    steady_state_model,
+    sync,
+    table,
+    timings,
+    write_section,
+)
 
 aten = torch.ops.aten
 # (preset, size, batch); None = the recipe's crop size / batch
@@ -114,31 +124,11 @@ def num_classes_of(preset: str) -> int:
 def _build(preset: str, kind: str, overrides: list[str], size, batch, dev: torch.device, amp: str):
     """(step function, description) of one variant in the trainer's steady state (see the module doc)."""
     from wsss.config import load_config
-    from wsss.engine.trainer import _amp, _freeze_bn, _split_params, build_optimizer
-    from wsss.methods import create_method
-    from wsss.models import create_backbone
 
     cfg = load_config(preset, ["model.backbone.pretrained=false", "model.backbone.weights=", *overrides])
     t = cfg.train
     size, batch = size or cfg.data.crop_size, batch or t.batch_size
-    if kind == "method":
-        model = create_method(cfg, num_classes_of(preset))
-        parts = model
-    elif kind == "backbone":
-        model = create_backbone(cfg.model.backbone)
-        parts = SimpleNamespace(head_parameters=list, parameters=model.parameters, backbone_blocks=model.blocks)
-    else:
-        raise ValueError(f"variant kind: method or backbone, got {kind!r}")
-    model = model.to(dev)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    head, live, dead, dead_blocks = _split_params(parts, t.trainable_blocks)
-    for p in dead:
-        p.requires_grad_(False)
-    model.train()
-    _freeze_bn(list(parts.backbone_blocks()) if t.freeze_bn else dead_blocks)
-    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr}, {"params": live, "lr": t.lr * t.backbone_lr_mult}])
-    amp_dtype, _ = _amp(amp or t.amp, dev)
+    model, opt, amp_dtype, trainable = steady_state_model(cfg, kind, num_classes_of(preset), dev, t.channels_last, amp)
 
     x = torch.randn(batch, 3, size, size, device=dev)
     if t.channels_last:
@@ -161,7 +151,7 @@ def _build(preset: str, kind: str, overrides: list[str], size, batch, dev: torch
     info = {"preset": preset, "kind": kind, "overrides": list(overrides), "backbone": cfg.model.backbone.name,
             "size": size, "batch": batch, "device": str(dev),
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-            "trainable_params": sum(p.numel() for p in head + live)}
+            "trainable_params": sum(p.numel() for p in trainable)}
     ema = model.after_step if kind == "method" and getattr(model, "teacher", None) is not None else None
     return step, info, ema
 

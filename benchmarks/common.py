@@ -219,3 +219,35 @@ def table(headers: list[str], rows: list[list], align: str = "") -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def steady_state_model(cfg, kind: str, num_classes: int, dev: torch.device, channels_last: bool, amp: str = ""):
+    """(model, optimiser, amp dtype, trainable parameters) of one timed variant as the trainer holds it after
+    its frozen warm-up: the recipe's trainable blocks, BatchNorm frozen where the trainer freezes it, its
+    optimiser and AMP. `kind`: "method" (the recipe's method) or "backbone" (its bare backbone, the
+    baseline every method step is compared with). Shared by bench_train.py (CPU) and gpu_suite.py."""
+    from types import SimpleNamespace
+
+    from wsss.engine.trainer import _amp, _freeze_bn, _split_params, build_optimizer
+    from wsss.methods import create_method
+    from wsss.models import create_backbone
+
+    t = cfg.train
+    if kind == "method":
+        model = parts = create_method(cfg, num_classes)
+    elif kind == "backbone":
+        model = create_backbone(cfg.model.backbone)
+        parts = SimpleNamespace(head_parameters=list, parameters=model.parameters, backbone_blocks=model.blocks)
+    else:
+        raise ValueError(f"variant kind: method or backbone, got {kind!r}")
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    head, live, dead, dead_blocks = _split_params(parts, t.trainable_blocks)
+    for p in dead:
+        p.requires_grad_(False)
+    model.train()
+    _freeze_bn(list(parts.backbone_blocks()) if t.freeze_bn else dead_blocks)
+    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr}, {"params": live, "lr": t.lr * t.backbone_lr_mult}])
+    amp_dtype, _ = _amp(amp or t.amp, dev)
+    return model, opt, amp_dtype, head + live

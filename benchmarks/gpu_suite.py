@@ -288,34 +288,17 @@ def build_step(ctx: Ctx, preset: str, kind: str, size: int, batch: int, override
     """(step(), info) of one variant in the trainer's steady state: the recipe's trainable blocks
     (after the frozen warm-up), BatchNorm frozen where the trainer freezes it, the last epoch (every loss
     warm-up over), the recipe's AMP (auto: bf16 on CUDA), random inputs, random weights."""
+    from common import steady_state_model
+
     from wsss.config import load_config
-    from wsss.engine.trainer import _amp, _freeze_bn, _split_params, build_optimizer
-    from wsss.methods import create_method
-    from wsss.models import create_backbone
 
     tiny = TINY_OVERRIDES.get(preset, ["model.backbone.img_size=64"]) if ctx.tiny else []
     cfg = load_config(preset, ["model.backbone.pretrained=false", "model.backbone.weights=", *tiny, *overrides])
     t = cfg.train
     cl = t.channels_last if channels_last is None else channels_last
     nc = _num_classes(preset)
-    if kind == "method":
-        model = create_method(cfg, nc)
-        parts = model
-        target = getattr(model, "target", "label")
-    else:
-        model = create_backbone(cfg.model.backbone)
-        parts = SimpleNamespace(head_parameters=list, parameters=model.parameters, backbone_blocks=model.blocks)
-        target = None
-    model = model.to(ctx.dev)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    head, live, dead, dead_blocks = _split_params(parts, t.trainable_blocks)
-    for p in dead:
-        p.requires_grad_(False)
-    model.train()
-    _freeze_bn(list(parts.backbone_blocks()) if t.freeze_bn else dead_blocks)
-    opt = build_optimizer(cfg, [{"params": head, "lr": t.lr}, {"params": live, "lr": t.lr * t.backbone_lr_mult}])
-    amp_dtype, _ = _amp(amp or t.amp, ctx.dev)
+    model, opt, amp_dtype, trainable = steady_state_model(cfg, kind, nc, ctx.dev, cl, amp)
+    target = getattr(model, "target", "label") if kind == "method" else None
 
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(ctx.dev)
@@ -356,7 +339,7 @@ def build_step(ctx: Ctx, preset: str, kind: str, size: int, batch: int, override
     info = {"preset": preset, "kind": kind, "backbone": cfg.model.backbone.name, "batch": batch,
             "resolution": size, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "channels_last": bool(cl), "compile": (ctx.compile_backend if compile_ else False),
-            "trainable_params": sum(p.numel() for p in head + live), "overrides": list(overrides)}
+            "trainable_params": sum(p.numel() for p in trainable), "overrides": list(overrides)}
     return step, info, model
 
 
