@@ -108,7 +108,8 @@ class CAMConfig:
     #                        papers' form). Why: under GAP a false region of an absent class that covers a
     #                        few positions (a distractor shaped like an object) moves its score by a few
     #                        hundredths, so the loss hardly pushes it down; its peak moves the score fully
-    #                        (see generation_loss)
+    #                        (see generation_loss). Not adopted: 0.1 cost the four CAM / USAGE presets 4 to
+    #                        44 points on the tuning data, removing look-alike classes whole (rule 16)
     reg: RegConfig = field(default_factory=RegConfig)
 
 
@@ -135,8 +136,9 @@ def generation_loss(
 
     `absent_k` > 0: a class absent from an image (label 0) is scored by the mean of its top `absent_k`
     fraction of positions (`topk_pool`), a present one by the generation pool as before. The present
-    classes' extent is what tau shapes; the absent ones only need to be low everywhere, and their peak is
-    where they are not."""
+    classes' extent is what tau shapes; an absent class should be low everywhere, so its highest positions
+    are the ones to push down. Off in every preset: the push outweighs the present classes' pull (RESULTS.md,
+    "Transfer", rule 16)."""
     scores = generation_scores(maps, tau, tau_mode)
     if absent_k > 0:
         peaks = topk_pool(maps.flatten(2).float(), float(absent_k))
