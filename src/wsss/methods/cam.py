@@ -109,7 +109,7 @@ class CAMConfig:
     #                        few positions (a distractor shaped like an object) moves its score by a few
     #                        hundredths, so the loss hardly pushes it down; its peak moves the score fully
     #                        (see generation_loss). Not adopted: 0.1 cost the four CAM / USAGE presets 4 to
-    #                        44 points on the tuning data, removing look-alike classes whole (rule 16)
+    #                        45 points on the tuning data, removing look-alike classes whole (rule 16)
     reg: RegConfig = field(default_factory=RegConfig)
 
 
