@@ -238,6 +238,9 @@ class CAMMethod(Method):
         feats = F.dropout(feats, drop, training=self.training and drop > 0)
         return net.classifier(feats)
 
+    def _generation_loss(self, maps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode, self.cfg.absent_k)
+
     def _reg_tau(self) -> float:
         if self.cfg.reg.tau != 0:
             return self.cfg.reg.tau
@@ -252,7 +255,7 @@ class CAMMethod(Method):
         drop = reg_cfg.student_drop if self.teacher is not None else self.cfg.drop
         if self.teacher is None:
             maps = self._maps(self, images, drop)
-            gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode, self.cfg.absent_k)
+            gen, _ = self._generation_loss(maps, labels)
             return {"loss": gen, "gen": gen, "reg": gen.new_zeros(())}
         # The teacher runs in the student's per-module modes: a BatchNorm the trainer froze (frozen
         # blocks, train.freeze_bn) is frozen in the teacher too, instead of normalising by the batch.
@@ -262,7 +265,7 @@ class CAMMethod(Method):
         outputs: dict[int, object] = {}
         with record_outputs(student_mods, outputs):
             maps = self._maps(self, images, drop)
-        gen, _ = generation_loss(maps, labels, self.cfg.tau, self.cfg.tau_mode, self.cfg.absent_k)
+        gen, _ = self._generation_loss(maps, labels)
         with torch.no_grad(), replay_outputs(teacher_mods, outputs), _teacher_autocast(reg_cfg.teacher_amp, images):
             t_maps = self._maps(self.teacher, images, reg_cfg.teacher_drop)
         reg = regularisation_loss(maps, t_maps, labels, self._reg_tau(), reg_cfg.teacher_tau)
