@@ -257,6 +257,36 @@ def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_pi
         run("bad_bar", "blind", extend_unrecognised=2, extend_gain=1.5)
 
 
+def test_extend_on_val_counts_images_the_classifier_never_trained_on(voc, tmp_path, capsys):
+    """train.extend_on_val: the extension check also scores the val split's first images by their tags
+    (never their masks' pixels). A classifier that picks its train images' tags but not val's extends; one
+    that picks both stops on time, with or without the option."""
+    from engine_fakes import make_voc
+    from wsss.io import write_mask
+
+    remembered = make_voc(tmp_path / "data", n_val=12)  # val tags swapped (1 <-> 2): right on train, not on val
+    for path in (remembered / "SegmentationClass").glob("va*.png"):
+        mask = read_mask(path)
+        write_mask(path, np.where(mask == 1, 2, np.where(mask == 2, 1, mask)).astype(np.uint8))
+
+    def run(name, root, **kw):
+        cfg = make_cfg(root, epochs=2, max_steps_per_epoch=2, val_every=0, extend_unrecognised=2,
+                       method={"name": "fake_maps", "maps": "colour"}, **kw)
+        result = train(cfg, tmp_path / name, progress=False)
+        return result, [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    capsys.readouterr()
+    train_only, log = run("train_only", remembered)  # the default: train images only, which it gets right
+    assert train_only["epochs"] == 2 and "extended" not in log[-1] and "val_check" not in log[-1]
+    held_out, log = run("held_out", remembered, extend_on_val=True)
+    assert held_out["epochs"] == 6 and log[1]["extended"] is True
+    assert log[1]["masks"]["top_hit_rate"] == 1.0  # the train check passes ...
+    assert log[1]["val_check"]["scored"] == 12 and log[1]["val_check"]["top_hit_rate"] == pytest.approx(4 / 12, abs=1e-3)
+    assert "33% of 12 val images" in capsys.readouterr().err  # ... val's (only its 4 two-class images) does not
+    healthy, log = run("healthy", voc, extend_on_val=True)  # val's tags picked too: stops on time
+    assert healthy["epochs"] == 2 and "extended" not in log[-1] and log[-1]["val_check"]["top_hit_rate"] == 1.0
+
+
 def test_tensorboard_scalars():
     class TB:
         def __init__(self):
