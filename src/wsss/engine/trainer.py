@@ -199,20 +199,19 @@ def _extend(cfg, method, train_raw, val_raw, info, record: dict, cycles: list[in
             return False
         record["masks"] = masks
     checked = recognised_summary(masks, cfg.train.extend_gain)
-    held_out = None
+    held_out, val_checked = None, None  # the same check on images the classifier has not trained on
     if cfg.train.extend_on_val and val_raw is not None:
         method.eval()
         held_out = train_check(method, val_raw, cfg, info)
         if held_out is not None and "top_hit_rate" in held_out:
             record["val_check"] = {k: held_out[k] for k in ("top_hit_rate", "top_hit_chance", "scored")}
-            if recognised_summary(held_out, cfg.train.extend_gain) is False:
-                checked = False
+            val_checked = recognised_summary(held_out, cfg.train.extend_gain)
     # The batches ask the same question of every train image (augmented, over the epoch), the check of 32.
     # On the ten-digit data (F1L, RESULTS.md "Transfer") the check passed at 87.5% while the last
     # epoch's batches stood at 79% (bar 84%), and the 12 epochs more took val from 0.248 to 0.397.
     logged = "tag_hit" in record
     batches = picks_tags(record["tag_hit"], record["tag_chance"], cfg.train.extend_gain) if logged else None
-    if checked is not False and batches is not False:
+    if checked is not False and batches is not False and val_checked is not False:
         return False
     record["extended"] = True
     more = cfg.train.epochs * cfg.train.extend_unrecognised
