@@ -196,15 +196,20 @@ def test_trainer_check_fires_on_collapse_silent_when_healthy(runs, voc, tmp_path
     assert "warning: epoch 1: train pseudo masks look collapsed" in capsys.readouterr().err
 
 
+def _two_epoch_run(root, out, maps, **kw):
+    """(train()'s result, the log.jsonl records) of a 2-epoch, 2-step fake_maps run without val passes."""
+    cfg = make_cfg(root, epochs=2, max_steps_per_epoch=2, val_every=0, method={"name": "fake_maps", "maps": maps}, **kw)
+    result = train(cfg, out, progress=False)
+    return result, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def test_extend_unrecognised_restarts_the_schedule_only_when_the_tags_are_not_picked(voc, tmp_path, capsys):
     """train.extend_unrecognised: a classifier whose top class is not a tag gets more schedules (the lr
     back at the schedule's start), at most the given number; one that picks the tags stops on time."""
     from wsss.io import load_checkpoint
 
     def run(name, maps, **kw):
-        cfg = make_cfg(voc, epochs=2, max_steps_per_epoch=2, val_every=0, method={"name": "fake_maps", "maps": maps}, **kw)
-        result = train(cfg, tmp_path / name, progress=False)
-        return result, [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        return _two_epoch_run(voc, tmp_path / name, maps, **kw)
 
     capsys.readouterr()
     blind, log = run("blind", "blind", extend_unrecognised=2)
@@ -270,10 +275,7 @@ def test_extend_on_val_counts_images_the_classifier_never_trained_on(voc, tmp_pa
         write_mask(path, np.where(mask == 1, 2, np.where(mask == 2, 1, mask)).astype(np.uint8))
 
     def run(name, root, **kw):
-        cfg = make_cfg(root, epochs=2, max_steps_per_epoch=2, val_every=0, extend_unrecognised=2,
-                       method={"name": "fake_maps", "maps": "colour"}, **kw)
-        result = train(cfg, tmp_path / name, progress=False)
-        return result, [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        return _two_epoch_run(root, tmp_path / name, "colour", extend_unrecognised=2, **kw)
 
     capsys.readouterr()
     train_only, log = run("train_only", remembered)  # the default: train images only, which it gets right

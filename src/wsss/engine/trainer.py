@@ -183,7 +183,7 @@ def restart_schedule(opt: torch.optim.Optimizer, sched, cycles: list[int]) -> No
 FIRST_SCHEDULE = "first_schedule.pt"  # RUN/first_schedule.pt: the weights when a run extends
 
 
-def _extend(cfg, method, train_raw, val_raw, info, record: dict, cycles: list[int]) -> bool:
+def _extend(cfg, method, train_raw, val_raw, info, record: dict) -> bool:
     """At the end of the first schedule with `train.extend_unrecognised` set: True (and the record and the
     console say so) when the classifier does not yet pick the tags, at train.extend_gain, by any of three
     counts: the alarm's check on its fixed train images, the last epoch's batches (the `tag_hit` a method
@@ -534,7 +534,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, info: D.DistInfo, train
                                    epoch, progress and main)
             last_miou = miou if val_raw is not None else last_miou
         first_end = epoch + 1 == end and cycles[0] == 0 and t.extend_unrecognised > 0
-        if first_end and _extend(cfg, method, train_raw, val_raw, info, record, cycles):
+        if first_end and _extend(cfg, method, train_raw, val_raw, info, record):
             # the run was just judged not to pick its tags, and its lr jumps back to the top: a loss held
             # back until recognition (PCE) waits for an epoch of the extra schedule that passes again (F1
             # seed 2: one PCE epoch at the restarted lr took the batches' tag hit from 0.64 to 0.21, never back)
