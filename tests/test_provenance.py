@@ -26,6 +26,7 @@ def test_environment_content(monkeypatch):
     assert env["torch"] == torch.__version__ and env["timm"] == timm.__version__
     assert env["python"] == ".".join(map(str, sys.version_info[:3])) and env["world_size"] == 3
     assert env["cuda"] == torch.version.cuda and "cudnn" in env and env["devices"]
+    assert env["threads"] == torch.get_num_threads() and isinstance(env["cpu"], str)
     json.dumps(env)  # JSON-able
 
 

@@ -3,7 +3,10 @@
 - `environment()` / `write_env(folder)`: FOLDER/env.json in every run folder (train, pseudo-label,
   segment, `wsss run`): the wsss version, the git commit and dirty flag when wsss runs from a checkout
   (silently absent otherwise), the command line, Python / torch / timm / CUDA / cuDNN versions, the
-  device names and the world size.
+  device names, the CPU model and torch's intra-op thread count, and the world size. The last two are
+  there because a CPU run is exact only on the same CPU at the same thread count: the float sums change
+  order with either, and a 6-epoch run amplifies that (held-out F3, `demo/vit_pcm` seed 0: 0.266 at one
+  thread, 0.297 at two; benchmarks/RESULTS.md, "Transfer").
 - `protocol(...)`: the `protocol` dict every mIoU written to JSON carries (`wsss evaluate --json`,
   pseudo-label summary.json, the report): split, stage (seeds | crf | refined | stage2), tags
   (gt | predicted), scales, flip, crf preset, background threshold and how it was chosen
@@ -43,6 +46,17 @@ def git_info(path: str | Path | None = None) -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows, possibly "")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment(world_size: int | None = None) -> dict:
     """The JSON-able provenance of this process (see the module doc)."""
     import wsss
@@ -66,6 +80,8 @@ def environment(world_size: int | None = None) -> dict:
         if torch.cuda.is_available():
             devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["devices"] = devices
+        env["cpu"] = _cpu_model()
+        env["threads"] = torch.get_num_threads()
     except ImportError:  # pragma: no cover - torch is a dependency
         env["torch"] = None
     try:
