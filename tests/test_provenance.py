@@ -83,6 +83,7 @@ def test_train_and_pseudo_label_folders_have_env_and_protocol(voc, tmp_path, mon
 
     page = write_report(run).read_text()
     assert 'id="provenance"' in page and torch.__version__ in page
+    assert f"<td class=l>threads</td><td class=l>{env['threads']}</td>" in page  # what a CPU run repeats on
     assert html.escape(protocol_text(p), quote=True) in page
 
 

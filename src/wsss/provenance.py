@@ -70,6 +70,7 @@ def environment(world_size: int | None = None) -> dict:
     env["python"] = platform.python_version()
     env["platform"] = platform.platform()
     env["host"] = platform.node()
+    env["cpu"] = _cpu_model()
     try:
         import torch
 
@@ -80,7 +81,6 @@ def environment(world_size: int | None = None) -> dict:
         if torch.cuda.is_available():
             devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["devices"] = devices
-        env["cpu"] = _cpu_model()
         env["threads"] = torch.get_num_threads()
     except ImportError:  # pragma: no cover - torch is a dependency
         env["torch"] = None

@@ -227,6 +227,7 @@ def _provenance(run_dir: Path) -> str:
     rows = [("wsss", env.get("wsss")), ("git commit", commit), ("command", " ".join(map(str, env.get("argv") or []))),
             ("python", env.get("python")), ("torch", env.get("torch")), ("timm", env.get("timm")),
             ("CUDA", env.get("cuda")), ("cuDNN", env.get("cudnn")), ("devices", ", ".join(map(str, env.get("devices") or []))),
+            ("CPU", env.get("cpu")), ("threads", env.get("threads")),
             ("world size", env.get("world_size")), ("host", env.get("host"))]
     body = "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(v)}</td></tr>" for k, v in rows)
     return f"<table class=provenance>{body}</table>"
