@@ -191,9 +191,9 @@ def _extend(cfg, method, train_raw, val_raw, info, record: dict) -> bool:
     Training then goes on for the longer schedule."""
     from wsss.diagnostics import recognised_summary
 
+    method.eval()  # every check below scores whole images; the next epoch sets train mode again
     masks = record.get("masks")
     if masks is None:  # no validation pass this epoch: the same check, on the same fixed train images
-        method.eval()
         masks = train_check(method, train_raw, cfg, info)
         if masks is None:  # a method without class maps: nothing to decide by
             return False
@@ -201,7 +201,6 @@ def _extend(cfg, method, train_raw, val_raw, info, record: dict) -> bool:
     checked = recognised_summary(masks, cfg.train.extend_gain)
     held_out, val_checked = None, None  # the same check on images the classifier has not trained on
     if cfg.train.extend_on_val and val_raw is not None:
-        method.eval()
         held_out = train_check(method, val_raw, cfg, info)
         if held_out is not None and "top_hit_rate" in held_out:
             record["val_check"] = {k: held_out[k] for k in ("top_hit_rate", "top_hit_chance", "scored")}
