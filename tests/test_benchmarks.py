@@ -431,3 +431,31 @@ def test_refine_headroom_splits_the_crf_errors_and_puts_each_kind_right(bench, t
     assert all(miou[k] > miou["crf"] for k in rh.ORACLES)
     text = rh.table({("F3", "cam_cnn"): [row]})
     assert "| F3 (held out) | `demo/cam_cnn` | 1 |" in text and "(fill)" in text and "100% / 8.3 (100% far) | 1.00 |" in text
+
+
+def test_mask_breakdown_splits_by_classes_in_the_image_and_extent_from_class(bench, tmp_path, capsys):
+    """Image a holds one class, masked exactly; image b holds two, found in full but with the second
+    object called by the first's name: the loss shows in the 2-class row and in `class_accuracy`, not in
+    the foreground's extent."""
+    from conftest import make_voc_dataset
+    from wsss.io import write_mask
+
+    root = make_voc_dataset(tmp_path, ids=["a", "b", "c"], class_names=["background", "one", "two"],
+                            size=(4, 2), splits={"train": ["c"], "val": ["a", "b", "c"]})
+    gt_a = np.array([[0, 1, 1, 0], [0, 1, 1, 0]], np.uint8)
+    gt_b = np.array([[1, 1, 2, 2], [0, 0, 0, 255]], np.uint8)
+    write_mask(root / "SegmentationClass" / "a.png", gt_a)
+    write_mask(root / "SegmentationClass" / "b.png", gt_b)
+    masks = tmp_path / "masks"
+    write_mask(masks / "a.png", gt_a)
+    write_mask(masks / "b.png", np.array([[1, 1, 1, 1], [0, 0, 0, 0]], np.uint8))  # c: no mask, counted
+    (row,) = bench("mask_breakdown").main([str(root), str(masks)])
+    assert row["images"] == {1: 1, 2: 1, 3: 0} and row["missing"] == 1
+    assert row["miou_by_classes"][1] == pytest.approx(1.0) and row["miou_by_classes"][3] is None
+    # b alone: background 3/3, one 2/4 (2 right of 4 called one), two 0/2 -> 0.5
+    assert row["miou_by_classes"][2] == pytest.approx((1 + 0.5 + 0) / 3)
+    # the shared foreground: a 4 of 4 right, b 2 of 4
+    assert row["foreground"]["iou"] == pytest.approx(1.0) and row["foreground"]["class_accuracy"] == pytest.approx(6 / 8)
+    assert row["miou"] == pytest.approx((1 + 0.75 + 0) / 3)
+    out = capsys.readouterr().out
+    assert "| 1.000 (1) | 0.500 (1) | - (0) |" in out and "1 ids of val have no mask" in out

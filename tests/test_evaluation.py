@@ -165,3 +165,22 @@ def test_all_reduce_in_a_process_group(tmp_path):
         assert torch.equal(multi["b"].mat, before) and multi["a"].mat.sum() == 0
     finally:
         dist.destroy_process_group()
+
+
+def test_foreground_splits_extent_from_class():
+    # gt:   0 0 1 1 2 2 255    pred: 0 1 1 2 2 0 1
+    # foreground as one class: both fg at gt 1,1,2 -> 3; gt fg 4; pred fg 4 -> iou 3/5, precision 3/4, recall 3/4;
+    # of the 3 shared pixels, 2 have the right class (gt 1 -> 1, gt 2 -> 2; gt 1 -> 2 is wrong)
+    r = _cm([0, 1, 1, 2, 2, 0, 1], [0, 0, 1, 1, 2, 2, 255], 3)
+    fg = r["foreground"]
+    assert fg["iou"] == pytest.approx(3 / 5)
+    assert fg["precision"] == pytest.approx(3 / 4) and fg["recall"] == pytest.approx(3 / 4)
+    assert fg["class_accuracy"] == pytest.approx(2 / 3)
+    # a 255 prediction on an object is a miss of the foreground too; one class: no split
+    assert _cm([255, 1], [1, 1], 2)["foreground"]["recall"] == pytest.approx(0.5)
+    assert _cm([0, 0], [0, 0], 1)["foreground"] is None
+    # an all-background image pair: nothing to split, undefined rather than 0 or 1
+    assert _cm([0, 0], [0, 0], 3)["foreground"] == {"iou": None, "precision": None, "recall": None,
+                                                    "class_accuracy": None}
+    table = per_class_table(r, ["background", "a", "b"])
+    assert "foreground" in table.splitlines()[-1] and "66.7%" in table.splitlines()[-1]

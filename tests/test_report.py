@@ -33,12 +33,15 @@ def _fake_run(tmp_path, data_root):
     return run
 
 
-def _outputs(folder, root, ids, miou, crf=False):
+def _outputs(folder, root, ids, miou, crf=False, foreground=None):
     """A mask folder as `wsss pseudo-label` leaves it: the GT masks shifted a little, and a summary."""
     for i in ids:
         write_mask(folder / f"{i}.png", np.roll(read_mask(root / "SegmentationClass" / f"{i}.png"), 2, axis=1))
     per_class = {c: {"iou": miou, "precision": 0.9, "recall": 0.8} for c in CLASSES}
-    atomic_write_json(folder / "summary.json", {"miou": miou, "per_class": per_class, "split": "val", "crf": crf})
+    summary = {"miou": miou, "per_class": per_class, "split": "val", "crf": crf}
+    if foreground:  # summaries from before wsss recorded the split have none
+        summary["foreground"] = foreground
+    atomic_write_json(folder / "summary.json", summary)
 
 
 @pytest.fixture
@@ -49,7 +52,8 @@ def demo(tmp_path):
                             splits={"train": ids[:2], "val": ids[2:]})
     val = ids[2:]
     _outputs(demo / "pseudo" / "val", root, val, 0.5)
-    _outputs(demo / "pseudo" / "val_crf", root, val, 0.6, crf=True)
+    _outputs(demo / "pseudo" / "val_crf", root, val, 0.6, crf=True,
+             foreground={"iou": 0.725, "precision": 0.8, "recall": 0.9, "class_accuracy": 0.9})
     _outputs(demo / "predict" / "val", root, val[:3], 0.55)  # partial: missing cells shown as "-"
     atomic_write_json(demo / "summary.json", {"seconds": {"data": 1.0, "train": 20.5}, "total_seconds": 21.5})
     return demo, root
@@ -73,6 +77,8 @@ def test_report_content(demo, tmp_path):
         assert f"<th>{label}</th>" in gallery
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text and "<script>" not in text
     assert "20.5" in text and "best val mIoU 50.00%" in text
+    # the mIoU's split into extent and class assignment, where the summary has it, blank where not
+    assert "<td>60.00</td><td>72.5</td><td>90.0</td>" in text and "<td>50.00</td><td></td><td></td>" in text
     # a decoded gallery image is a real PNG
     import base64
     import io

@@ -62,11 +62,12 @@ class ConfusionMatrix:
 
     def as_json(self, class_names: Sequence[str]) -> dict:
         """The shape every mIoU file of wsss has (`wsss evaluate`, summary.json): miou, per_class {name: {iou,
-        precision, recall}} (None where undefined), pixel_accuracy."""
+        precision, recall}} (None where undefined), pixel_accuracy, foreground (see `compute`)."""
         res = self.compute()
         per_class = {n: {"iou": res["iou"][c], "precision": res["precision"][c], "recall": res["recall"][c]}
                      for c, n in enumerate(class_names)}
-        return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"]}
+        return {"miou": res["miou"], "per_class": per_class, "pixel_accuracy": res["pixel_accuracy"],
+                "foreground": res["foreground"]}
 
     def __iadd__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         self.mat += other.mat.to(self.device)
@@ -99,7 +100,25 @@ class ConfusionMatrix:
             "gt_pixels": [int(v) for v in gt_count.tolist()],
             "pred_pixels": [int(v) for v in pred_count.tolist()],
             "num_pixels": int(total),
+            "foreground": self._foreground(),
         }
+
+    def _foreground(self) -> dict | None:
+        """Where the mIoU is lost, split in two (class 0 is the background, as in every wsss dataset):
+        the foreground as one class (iou, precision, recall: the masks' extent) and `class_accuracy`, the
+        share of the pixels that are foreground in both the ground truth and the prediction that also
+        have the right class (which object is which). None with a single class."""
+        n = self.num_classes
+        if n < 2:
+            return None
+        mat = self.mat.double().cpu()
+        both = float(mat[1:, 1:n].sum())  # gt foreground predicted as some foreground class
+        gt_fg = float(mat[1:].sum())  # a 255 / out-of-range prediction on a gt object is a miss
+        pred_fg = float(mat[:, 1:n].sum())
+        right = float(mat[1:, 1:n].diagonal().sum())
+        iou, precision, recall, class_accuracy = _ratio(
+            torch.tensor([both, both, both, right]), torch.tensor([gt_fg + pred_fg - both, pred_fg, gt_fg, both]))
+        return {"iou": iou, "precision": precision, "recall": recall, "class_accuracy": class_accuracy}
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> list[float | None]:
@@ -166,4 +185,8 @@ def per_class_table(result: dict, class_names: Sequence[str]) -> str:
     lines += [f"{name:<{width}}  {pct(i):>6}  {pct(p):>6}  {pct(r):>6}" for name, i, p, r in rows]
     lines.append("-" * len(lines[0]))
     lines.append(f"{'mean':<{width}}  {pct(result['miou']):>6}")
+    fg = result.get("foreground")
+    if fg:  # the extent and the class assignment, apart (ConfusionMatrix._foreground)
+        lines.append(f"{'foreground':<{width}}  {pct(fg['iou']):>6}  {pct(fg['precision']):>6}  {pct(fg['recall']):>6}"
+                     f"  (all classes as one; right class on {pct(fg['class_accuracy'])}% of the shared foreground)")
     return "\n".join(lines)

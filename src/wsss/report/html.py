@@ -199,16 +199,26 @@ def _per_class(summaries: dict[str, dict]) -> str:
     rows = "".join(
         f"<tr><td class=l>{_e(label)}</td><td>{_e(s.get('split', ''))}</td>"
         f"<td>{_e(s.get('crf', ''))}</td><td>{_e(s.get('predicted_tags', ''))}</td>"
-        f"<td>{100 * s['miou']:.2f}</td><td class=l>{_e(_protocol_line(s))}</td></tr>"
+        f"<td>{100 * s['miou']:.2f}</td>{_foreground_cells(s)}<td class=l>{_e(_protocol_line(s))}</td></tr>"
         for label, s in summaries.items()
         if isinstance(s.get("miou"), (int, float))
     )
     table = (
         "<table><tr><th class=l>output</th><th>split</th><th>CRF</th><th>predicted tags</th><th>mIoU (%)</th>"
+        "<th title='all classes as one: the masks&#39; extent'>foreground IoU (%)</th>"
+        "<th title='of the pixels both call foreground, those with the right class'>right class (%)</th>"
         "<th class=l>protocol</th></tr>"
         f"{rows}</table>"
     )
     return _img(_fig_uri(fig), "per-class IoU", "plot") + table
+
+
+def _foreground_cells(summary: dict) -> str:
+    """The extent / class-assignment split of the mIoU (ConfusionMatrix._foreground); blank in summaries
+    written before wsss recorded it."""
+    fg = summary.get("foreground") or {}
+    return "".join(f"<td>{100 * v:.1f}</td>" if isinstance(v, (int, float)) else "<td></td>"
+                   for v in (fg.get("iou"), fg.get("class_accuracy")))
 
 
 def _protocol_line(summary: dict) -> str:
