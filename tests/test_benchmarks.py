@@ -459,3 +459,26 @@ def test_mask_breakdown_splits_by_classes_in_the_image_and_extent_from_class(ben
     assert row["miou"] == pytest.approx((1 + 0.75 + 0) / 3)
     out = capsys.readouterr().out
     assert "| 1.000 (1) | 0.500 (1) | - (0) |" in out and "1 ids of val have no mask" in out
+
+
+def test_extent_calibration_moves_the_knob_each_way_and_picks_the_smallest_sufficient_mask(bench):
+    import types
+
+    import torch
+
+    ec = bench("extent_calibration")
+    probs = torch.tensor([[[0.5, 0.5, 0.5]], [[0.9, 0.4, 0.1]]])  # background, one class: 1 x 3 pixels
+    cam = types.SimpleNamespace(has_background=False)
+    patch = types.SimpleNamespace(has_background=True)
+    # CAM: the constant background score; a lower one grows the mask
+    assert ec.masks_at(cam, [0, 7], probs, 0.3).tolist() == [[7, 7, 0]]
+    assert ec.masks_at(cam, [0, 7], probs, 0.8).tolist() == [[7, 0, 0]]
+    # patch: the background channel to a power; p > 1 lowers it (values < 1), so the mask grows
+    assert ec.masks_at(patch, [0, 7], probs, 1.0).tolist() == [[7, 0, 0]]
+    assert ec.masks_at(patch, [0, 7], probs, 2.0).tolist() == [[7, 7, 0]]
+    assert probs[0, 0, 0] == 0.5  # the caller's maps are left as they were
+    rows = {0.2: {"area": 0.6, "kept_ratio": 0.99}, 0.5: {"area": 0.3, "kept_ratio": 0.96},
+            0.8: {"area": 0.1, "kept_ratio": 0.7}}
+    assert ec.choose(rows, 0.95) == 0.5  # the smallest area that keeps 95% of the score
+    assert ec.choose(rows, 0.5) == 0.8
+    assert ec.choose(rows, 1.0) == 0.2  # none reaches it: the largest masks
