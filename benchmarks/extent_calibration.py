@@ -28,7 +28,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from wsss.data import open_dataset
@@ -115,8 +114,11 @@ def score_val(method, cfg, dataset) -> dict:
 
 def run_row(data: Path, run: Path, images: int, alphas: list[float]) -> dict:
     cfg, method, _ = load_run(run)
+    val_split = open_dataset(data, "val")
+    if not val_split.has_masks:
+        raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
     cal = calibrate(method, cfg, open_dataset(data, "train"), images, alphas)
-    val = score_val(method, cfg, open_dataset(data, "val"))
+    val = score_val(method, cfg, val_split)
     ship = shipped(method, cfg)
     oracle = max(val, key=lambda s: val[s])
     return {"run": str(run), "shipped": ship, "miou_shipped": val[ship], "chosen": cal["chosen"],
@@ -149,5 +151,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    np.seterr(all="ignore")
     main()

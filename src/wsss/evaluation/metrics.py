@@ -100,18 +100,18 @@ class ConfusionMatrix:
             "gt_pixels": [int(v) for v in gt_count.tolist()],
             "pred_pixels": [int(v) for v in pred_count.tolist()],
             "num_pixels": int(total),
-            "foreground": self._foreground(),
+            "foreground": self._foreground(mat),
         }
 
-    def _foreground(self) -> dict | None:
+    def _foreground(self, mat: torch.Tensor) -> dict | None:
         """Where the mIoU is lost, split in two (class 0 is the background, as in every wsss dataset):
         the foreground as one class (iou, precision, recall: the masks' extent) and `class_accuracy`, the
         share of the pixels that are foreground in both the ground truth and the prediction that also
-        have the right class (which object is which). None with a single class."""
+        have the right class (which object is which). None with a single class. `mat`: the matrix as
+        `compute` reads it (float64, on the CPU)."""
         n = self.num_classes
         if n < 2:
             return None
-        mat = self.mat.double().cpu()
         both = float(mat[1:, 1:n].sum())  # gt foreground predicted as some foreground class
         gt_fg = float(mat[1:].sum())  # a 255 / out-of-range prediction on a gt object is a miss
         pred_fg = float(mat[:, 1:n].sum())
