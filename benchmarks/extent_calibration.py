@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from extent_sweep import masks as sweep_masks
 
 from wsss.data import open_dataset
 from wsss.engine.inference import eval_transform, load_run, seed_probs
@@ -49,10 +50,9 @@ def shipped(method, cfg) -> float:
 
 
 def masks_at(method, keep: list[int], probs: torch.Tensor, setting: float) -> torch.Tensor:
-    """uint8 class ids from `seed_probs` output with the extent knob at `setting`."""
-    p = probs.clone()
-    p[0] = p[0].clamp_min(0).pow(setting) if method.has_background else setting
-    return torch.tensor(keep, dtype=torch.uint8)[p.argmax(0).cpu()]
+    """uint8 class ids from `seed_probs` output with the extent knob at `setting`: extent_sweep's two modes
+    (the engine's argmax over a powered background, and its threshold cut)."""
+    return sweep_masks(probs, keep, "power" if method.has_background else "threshold", setting)
 
 
 @torch.no_grad()

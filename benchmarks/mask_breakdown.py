@@ -8,7 +8,7 @@ Two splits of the same score, both from the confusion matrix (`wsss.evaluation.C
   its IoU, precision and recall measure the extent alone, and `class_accuracy` the share of the shared
   foreground with the right class.
 
-    python benchmarks/mask_breakdown.py DATA RUN/pseudo [RUN2/pseudo ...] [--split val] [--markdown]
+    python benchmarks/mask_breakdown.py DATA RUN/pseudo [RUN2/pseudo ...] [--split val]
 
 Each folder holds `<id>.png` masks (wsss pseudo-label, predict); the ids are the split's, those without a
 mask are skipped and counted. The class names come from DATA (VOC layout, `class_names.txt`).
