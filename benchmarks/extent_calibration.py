@@ -20,6 +20,10 @@ Then the run's val masks at the shipped setting, at the chosen one and at every 
 best of which is an oracle with ground truth, shown for diagnosis only) are scored:
 
     python benchmarks/extent_calibration.py DATA RUN [RUN ...] [--images 16] [--alpha 0.85 0.95] [--json OUT]
+
+`--guard BAR` runs rule 21 (twenty-sixth session; the engine's `infer.extent_guard`, wsss.engine.extent) instead: the shipped setting unless its masks keep under BAR
+of the whole image's score, then the smallest setting that keeps BAR (else the largest); val is scored only
+for the runs it moves.
 """
 
 from __future__ import annotations
@@ -29,64 +33,26 @@ import json
 from pathlib import Path
 
 import torch
-from extent_sweep import masks as sweep_masks
 
 from wsss.data import open_dataset
+from wsss.engine.extent import Calibration, guarded_grow, knob, masks_at
+from wsss.engine.extent import grid as knob_grid
 from wsss.engine.inference import eval_transform, load_run, seed_probs
 from wsss.evaluation import MultiConfusion
 from wsss.evaluation.metrics import mask_tensor
 
-THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]  # CAM presets: the background's constant score
-POWERS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]  # patch presets: background channel ** p
-
-
-def grid(method, cfg) -> list[float]:
-    """The knob's settings, the shipped one among them."""
-    return sorted({*(POWERS if method.has_background else THRESHOLDS), shipped(method, cfg)})
-
 
 def shipped(method, cfg) -> float:
-    return 1.0 if method.has_background else float(cfg.infer.bg_threshold)
+    return float(getattr(cfg.infer, knob(method)))
 
 
-def masks_at(method, keep: list[int], probs: torch.Tensor, setting: float) -> torch.Tensor:
-    """uint8 class ids from `seed_probs` output with the extent knob at `setting`: extent_sweep's two modes
-    (the engine's argmax over a powered background, and its threshold cut)."""
-    return sweep_masks(probs, keep, "power" if method.has_background else "threshold", setting)
-
-
-@torch.no_grad()
 def calibrate(method, cfg, dataset, images: int, alphas: list[float]) -> dict:
     """The setting chosen for each alpha on the first `images` of `dataset` (tags only), and each
     setting's figures."""
-    num_classes = method.num_classes
-    transform = eval_transform(cfg)
-    settings = grid(method, cfg)
-    area = dict.fromkeys(settings, 0.0)
-    kept_score = dict.fromkeys(settings, 0.0)
-    full_score, pairs, counted = 0.0, 0, 0
-    for index in range(min(images, len(dataset))):
-        sample = dataset[index]
-        if not sample.tags:
-            continue
-        x = transform(sample, num_classes)["image"]
-        keep, probs = seed_probs(method, x, sample.tags, cfg.infer, x.shape[-2:])
-        full = method.image_scores(x[None])[0]
-        full_score += float(sum(full[c - 1] for c in sample.tags))
-        pairs += len(sample.tags)
-        counted += 1
-        for s in settings:
-            m = masks_at(method, keep, probs, s)
-            area[s] += float((m > 0).float().mean())
-            # every tag's kept-only image in one batch: the mean colour (0 after normalising) elsewhere
-            batch = torch.stack([x * (m == c).to(x.dtype) for c in sample.tags])
-            scores = method.image_scores(batch)
-            kept_score[s] += float(sum(scores[j, c - 1] for j, c in enumerate(sample.tags)))
-    if not pairs:
-        raise SystemExit("no tagged image among the calibration images")
-    rows = {s: {"area": area[s] / counted, "kept_ratio": kept_score[s] / full_score} for s in settings}
-    return {"chosen": {a: choose(rows, a) for a in alphas}, "settings": rows, "images": counted,
-            "full_score": full_score / pairs}
+    cal = Calibration(method, cfg, dataset, images)
+    rows = cal.rows(knob_grid(method, cfg.infer))
+    return {"chosen": {a: choose(rows, a) for a in alphas}, "settings": rows, "images": len(cal.samples),
+            "full_score": cal.full_score / cal.pairs}
 
 
 def choose(rows: dict, alpha: float) -> float:
@@ -101,7 +67,7 @@ def choose(rows: dict, alpha: float) -> float:
 def score_val(method, cfg, dataset) -> dict:
     """val mIoU (GT tags, no CRF) at every setting of the grid."""
     transform = eval_transform(cfg)
-    mc = MultiConfusion(method.num_classes, grid(method, cfg))
+    mc = MultiConfusion(method.num_classes, knob_grid(method, cfg.infer))
     for index in range(len(dataset)):
         sample = dataset[index]
         x = transform(sample, method.num_classes)["image"]
@@ -126,6 +92,22 @@ def run_row(data: Path, run: Path, images: int, alphas: list[float]) -> dict:
             "miou_oracle": val[oracle], "calibration": cal, "val": val}
 
 
+def guard_row(data: Path, run: Path, images: int, bar: float) -> dict:
+    """Rule 21 on one run: val is scored only when the guard moves the setting (then at every setting)."""
+    cfg, method, _ = load_run(run)
+    val_split = open_dataset(data, "val")
+    if not val_split.has_masks:
+        raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
+    ship = shipped(method, cfg)
+    cal = Calibration(method, cfg, open_dataset(data, "train"), images)
+    chosen, rows = guarded_grow(cal, knob_grid(method, cfg.infer), ship, bar)
+    row = {"run": str(run), "guard": bar, "shipped": ship, "chosen": chosen, "settings": rows}
+    if chosen != ship:
+        val = score_val(method, cfg, val_split)
+        row.update(val=val, miou_shipped=val[ship], miou_chosen=val[chosen])
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path)
@@ -133,10 +115,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--images", type=int, default=16, help="train images the setting is chosen on")
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.95],
                     help="kept-only score / whole-image score to reach (several: one choice each)")
+    ap.add_argument("--guard", type=float,
+                    help="rule 21 instead: grow the masks only where the shipped ones keep under this share")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = ap.parse_args(argv)
     rows = []
     for run in args.runs:
+        if args.guard is not None:
+            r = guard_row(args.data, run, args.images, args.guard)
+            rows.append(r)
+            kept = r["settings"][r["shipped"]]["kept_ratio"]
+            moved = (f"-> {r['chosen']}: {r['miou_shipped']:.3f} -> {r['miou_chosen']:.3f} "
+                     f"({100 * (r['miou_chosen'] - r['miou_shipped']):+.1f})" if "val" in r else "kept")
+            print(f"{run}: shipped {r['shipped']} keeps {kept:.2f}; {moved}", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r, default=str) + "\n")
+            continue
         r = run_row(args.data, run, args.images, args.alpha)
         rows.append(r)
         chosen = "; ".join(f"alpha {a}: {r['chosen'][a]} -> {r['miou_chosen'][a]:.3f} "

@@ -482,3 +482,4 @@ def test_extent_calibration_moves_the_knob_each_way_and_picks_the_smallest_suffi
     assert ec.choose(rows, 0.95) == 0.5  # the smallest area that keeps 95% of the score
     assert ec.choose(rows, 0.5) == 0.8
     assert ec.choose(rows, 1.0) == 0.2  # none reaches it: the largest masks
+

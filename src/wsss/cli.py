@@ -230,6 +230,10 @@ def pseudo_label(
     absent: Annotated[str | None, typer.Option(
         help="drop | background | won: where a background-channel method's ruled-out classes' probability goes "
              "(infer.absent; default: the run's config).")] = None,
+    extent_guard: Annotated[bool | None, typer.Option(
+        "--extent-guard/--no-extent-guard",
+        help="Check the masks' extent against the run's own classifier and grow masks that are far too small "
+             "(infer.extent_guard; default: the run's config; not with --bg-threshold).")] = None,
     save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npz).")] = False,
     sweep_threshold: Annotated[
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")
@@ -255,6 +259,7 @@ def pseudo_label(
         flip=flip,
         bg_threshold=bg_threshold,
         absent=absent,
+        extent_guard=extent_guard,
         save_maps=save_maps,
         sweep_thresholds=sweep,
         device=device,

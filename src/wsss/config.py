@@ -177,6 +177,12 @@ class InferConfig:
     absent: str = "drop"
     bg_threshold: float = 0.3  # methods without a background class: background score
     bg_alpha: float = 0.0  # > 0: background = (1 - max_c A_c) ** alpha instead of the threshold
+    bg_power: float = 1.0  # methods with a background channel: that channel ** p before the argmax (> 1: larger masks)
+    # > 0: the masks' extent checked against the run's own classifier (wsss.engine.extent): where the masks of
+    # the run's first `extent_images` tagged train images keep under this share of the classifier's score for
+    # their classes, the knob (bg_threshold, or bg_power) moves to larger masks. 0: off. Once per checkpoint.
+    extent_guard: float = 0.0
+    extent_images: int = 16
     crf: CRFConfig = field(default_factory=CRFConfig)
 
 

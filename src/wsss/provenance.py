@@ -136,6 +136,9 @@ def protocol(
         absent = getattr(infer_cfg, "absent", "drop")
         if absent != "drop":  # InferConfig.absent: the ruled-out classes' probability joins it
             chosen += " + the classes the tags rule out" + (" where they top a patch" if absent == "won" else "")
+        power = float(getattr(infer_cfg, "bg_power", 1.0))
+        if power != 1.0:
+            chosen += f", to the power {power:g}" + (f" ({threshold_source})" if threshold_source else "")
     elif getattr(infer_cfg, "bg_alpha", 0) > 0:
         thr, chosen = None, f"(1 - max_c)^{infer_cfg.bg_alpha:g}"
     else:

@@ -4,7 +4,7 @@ pseudo mask of one image. `engine/pseudo_masks.py` streams them over a split.
 The recipe (docs/architecture.md, "Seeds"): class maps averaged over scales and flips at full
 resolution; only background + the image's tags (GT, or predicted by `image_scores > 0.5`) are kept;
 each foreground map is divided by its max; the background is the method's channel 0 (max-normalised
-likewise) or, for methods without one (CAM), `(1 - max_c fg)^bg_alpha` when bg_alpha > 0, else the
+likewise, to the power `bg_power`) or, for methods without one (CAM), `(1 - max_c fg)^bg_alpha` when bg_alpha > 0, else the
 constant `bg_threshold`. The argmax over those channels is the pseudo mask.
 """
 
@@ -64,6 +64,14 @@ def loader_iter(loader) -> Iterator:
 # ------------------------------------------------------------------------------------------------- runs
 
 
+def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The weights a run is used with: `checkpoint` if given, else RUN/best.pt if present, else RUN/last.pt."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    run_dir = Path(run_dir)
+    return run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+
+
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
     """(cfg, method in eval mode, class_names) from a run folder: config.yaml, classes.json and
     best.pt if present else last.pt (or `checkpoint`), loaded with weights_only=True."""
@@ -78,8 +86,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         class_names = json.loads((run_dir / "classes.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{run_dir / 'classes.json'}: cannot read class names ({e})") from None
-    if checkpoint is None:
-        checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    checkpoint = run_checkpoint(run_dir, checkpoint)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise DataError(f"{checkpoint}: not a wsss checkpoint (no 'model' entry)")
@@ -173,6 +180,9 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     fg = acc[1:] if grid else acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
     if method.has_background:
         bg = acc[:1] if grid else acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
+        power = float(getattr(infer_cfg, "bg_power", 1.0))
+        if power != 1.0:  # the extent knob of these methods (wsss.engine.extent)
+            bg = bg.clamp_min(0).pow(power)
     elif infer_cfg.bg_alpha > 0:
         top = fg.amax(0, keepdim=True) if len(tags) else torch.zeros_like(acc[:1])
         bg = (1 - top).clamp_min(0).pow(infer_cfg.bg_alpha)

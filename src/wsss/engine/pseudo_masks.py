@@ -16,6 +16,7 @@ import torch
 
 from wsss.data.base import checked_sample
 from wsss.diagnostics import MaskStats
+from wsss.engine.extent import DEFAULT_GUARD, LABELLED_SPLIT, apply_extent_guard
 from wsss.engine.inference import (
     _progress,
     _threshold_mask,
@@ -25,6 +26,7 @@ from wsss.engine.inference import (
     loader_iter,
     resolve_device,
     resolve_workers,
+    run_checkpoint,
     seed_mask,
     seed_probs,
 )
@@ -127,11 +129,20 @@ def _claim_mask_settings(path: Path, infer, weights, split: str, crf: bool, pred
         "split": split, "crf": bool(crf), "predicted_tags": bool(predicted_tags), "scales": infer.scales,
         "flip": infer.flip, "size": infer.size, "bg_threshold": infer.bg_threshold,
         "bg_alpha": infer.bg_alpha, "crf_config": crf_config,
+        **({"bg_power": infer.bg_power} if infer.bg_power != 1.0 else {}),
         # only when not the default, so folders written before these keys existed still resume
         **({"resize": infer.resize} if infer.resize != "short" else {}),
         **({"normalise": infer.normalise} if infer.normalise != "full" else {}),
         **({"absent": infer.absent} if infer.absent != "drop" else {}),
     }, "pseudo masks")
+
+
+def _extent_brief(record: dict) -> dict:
+    """The extent guard's decision for summary.json: the knob, its shipped and chosen settings, and the
+    share of the classifier's score the masks keep at each setting computed."""
+    return {"knob": record["knob"], "shipped": record["shipped"], "chosen": record["chosen"],
+            "guard": record["guard"], "source": record["source"],
+            "kept": {s: round(r["kept_ratio"], 4) for s, r in record["settings"].items()}}
 
 
 def _write_sweep(out_dir: Path, sweep_cm, common: dict, proto: dict) -> dict:
@@ -157,6 +168,7 @@ def pseudo_label(
     flip: bool | None = None,
     bg_threshold: float | None = None,
     absent: str | None = None,
+    extent_guard: bool | None = None,
     save_maps: bool = False,
     sweep_thresholds: list[float] | None = None,
     device: str = "auto",
@@ -177,6 +189,10 @@ def pseudo_label(
     background channel, a split with masks): the maps are computed once and the mIoU is taken for each
     constant background threshold; writes OUT/sweep.json and NO masks; returns
     {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
+    `extent_guard` (None: the run's `infer.extent_guard`; False: off; True: on, at the run's bar or 0.5):
+    the masks' extent checked against the run's own classifier and moved to larger masks where they are far
+    too small (wsss.engine.extent), not when the caller gives `bg_threshold` or sweeps; the decision is in
+    OUT/summary.json's "extent".
     A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
     and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
     problems: ids naming missing images, repeated ids, paths).
@@ -201,6 +217,17 @@ def pseudo_label(
         if not ds.has_masks:
             raise DataError(f"{data_root}: split {split!r} has no ground-truth masks to sweep thresholds on")
         crf = save_maps = False
+    used = run_checkpoint(run_dir, checkpoint)
+    extent = None
+    if extent_guard is False:
+        cfg.infer.extent_guard = 0.0
+    elif extent_guard and cfg.infer.extent_guard <= 0:  # asked for on a run whose config has it off
+        cfg.infer.extent_guard = DEFAULT_GUARD
+    if sweep is None and bg_threshold is None:  # a threshold the caller chose or sweeps is left as it is
+        extent = apply_extent_guard(run_dir, cfg, method, used, ds)
+        if extent is not None and extent["chosen"] != extent["shipped"]:
+            where = "labelled" if extent["source"] == LABELLED_SPLIT else "train"
+            threshold_source = threshold_source or f"extent guard on {extent['calibration_images']} {where} images"
     pool = crf_pool(cfg.infer.crf) if crf else None
 
     done: set[int] = set()
@@ -221,7 +248,6 @@ def pseudo_label(
     sweep_cm = MultiConfusion(ds.num_classes, sweep) if sweep else None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_env(out_dir)
-    used = checkpoint or (Path(run_dir) / "best.pt" if (Path(run_dir) / "best.pt").is_file() else Path(run_dir) / "last.pt")
     stage = "stage2" if getattr(method, "target", "label") == "mask" else ("crf" if crf else "seeds")
     proto = protocol(split, stage, predicted_tags, cfg.infer, bool(crf), bool(method.has_background),
                      checkpoint_label(used, cfg.data.val_split), threshold_source)
@@ -284,6 +310,7 @@ def pseudo_label(
     else:  # the metric with masks; the diagnostics always
         summary = {**(cm.as_json(ds.class_names) if cm is not None else {}), "num_images": len(ds), "split": split, "crf": bool(crf),
                    **common, **({"skipped": skipped} if skipped else {}), "protocol": proto,
+                   **({"extent": _extent_brief(extent)} if extent else {}),
                    "diagnostics": diag.summary(has_background=bool(method.has_background) or not method.uses_tags)}
         if summary["diagnostics"]["alarm"]:
             print(f"warning: {out_dir}: {summary['diagnostics']['alarm']}", file=sys.stderr)

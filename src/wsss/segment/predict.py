@@ -75,11 +75,13 @@ def predict(
     import torch
 
     from wsss.data.base import RawSample
+    from wsss.engine.extent import apply_extent_guard
     from wsss.engine.inference import (
         crf_channels,
         eval_transform,
         load_run,
         resolve_device,
+        run_checkpoint,
         seed_mask,
         seed_probs,
     )
@@ -89,6 +91,8 @@ def predict(
     out_dir = Path(out_dir)
     todo = collect_images(images)
     cfg, method, class_names = load_run(run_dir, device=resolve_device(device))
+    # a seed method's masks at the extent its pseudo masks use (wsss.engine.extent; its train split's tags)
+    apply_extent_guard(run_dir, cfg, method, run_checkpoint(run_dir), None)
     transform = eval_transform(cfg)  # the same input as pseudo-labelling: short side to infer.size
     computed, skipped, failed = 0, 0, []
     pending: dict[Path, tuple[Image.Image, list[int]]] = {}  # CRF in flight: name -> (image, kept classes)

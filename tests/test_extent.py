@@ -1,0 +1,124 @@
+"""The extent guard (wsss.engine.extent, `infer.extent_guard`): masks far too small for the run's own
+classifier grow, others are left as they are, the decision is cached per checkpoint and reported."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from engine_fakes import make_cfg, make_voc
+from wsss.engine import extent as ext
+from wsss.engine.pseudo_masks import pseudo_label
+from wsss.engine.trainer import train
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
+
+def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True):
+    cfg = make_cfg(voc, epochs=1, val_every=0, method={"has_background": has_background})  # last.pt only
+    cfg.infer.extent_guard = guard
+    train(cfg, tmp_path / name, progress=False)
+    return tmp_path / name
+
+
+class Curve:
+    """The Calibration interface over a fixed curve, recording what was computed."""
+
+    def __init__(self, curve):
+        self.curve, self.asked = curve, []
+
+    def row(self, s):
+        self.asked.append(s)
+        return self.curve[s]
+
+    def rows(self, settings):
+        return {s: self.row(s) for s in settings}
+
+
+def test_guard_grows_only_masks_that_keep_too_little():
+    settings = [0.2, 0.5, 0.8]
+    right = Curve({0.2: {"area": 0.6, "kept_ratio": 0.9}, 0.5: {"area": 0.3, "kept_ratio": 0.7},
+                   0.8: {"area": 0.1, "kept_ratio": 0.4}})
+    assert ext.guarded_grow(right, settings, 0.5, 0.5)[0] == 0.5 and set(right.asked) == {0.5}  # one setting
+    # at 0.8 the masks keep 0.4 < 0.5: the smallest masks that keep half, not the largest
+    assert ext.guarded_grow(right, settings, 0.8, 0.5)[0] == 0.5
+    far = Curve({0.2: {"area": 0.3, "kept_ratio": 0.3}, 0.5: {"area": 0.2, "kept_ratio": 0.2},
+                 0.8: {"area": 0.1, "kept_ratio": 0.1}})
+    assert ext.guarded_grow(far, settings, 0.8, 0.5)[0] == 0.2  # none keeps half: the largest masks
+
+
+def test_bg_power_lowers_the_background_channel_and_grows_the_masks():
+    from types import SimpleNamespace
+
+    from engine_fakes import FakeConfig, FakeMethod
+    from wsss.config import InferConfig
+    from wsss.engine.inference import seed_mask, seed_probs
+
+    torch.manual_seed(0)
+    method = FakeMethod(FakeConfig(), SimpleNamespace(), 3).eval()
+    image = torch.randn(3, 32, 32)
+    plain = seed_probs(method, image, [1], InferConfig(), (32, 32))[1]
+    keep, powered = seed_probs(method, image, [1], InferConfig(bg_power=4.0), (32, 32))
+    assert torch.allclose(powered[0], plain[0].clamp_min(0).pow(4.0)) and torch.equal(powered[1:], plain[1:])
+    # the engine's masks at a power are the guard's masks at that setting
+    assert (ext.masks_at(method, keep, plain, 4.0).numpy() == seed_mask(keep, powered)).all()
+    assert (seed_mask(keep, powered) > 0).sum() >= (seed_mask(keep, plain) > 0).sum()
+
+
+def test_pseudo_label_grows_masks_under_the_bar_and_caches_the_choice(voc, tmp_path, capsys, monkeypatch):
+    run = _run(voc, tmp_path, "run", guard=50.0)  # a bar no mask reaches: the largest masks on the grid
+    off = pseudo_label(run, voc, "val", tmp_path / "off", extent_guard=False, progress=False)
+    assert "extent" not in off
+    res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
+    e = res["extent"]
+    assert e["knob"] == "bg_power" and e["shipped"] == 1.0 and e["chosen"] == 16.0
+    assert set(e["kept"]) == {f"{p:g}" for p in ext.POWERS}  # the whole grid, as the guard fired
+    assert "keep" in capsys.readouterr().err  # the console says what moved and why
+    assert res["protocol"]["bg_threshold_chosen"].endswith("to the power 16 (extent guard on 8 train images)")
+    fg = lambda r: r["diagnostics"]["foreground_fraction"]  # noqa: E731
+    assert fg(res) > fg(off)
+    cache = run / "extent_last.json"
+    assert json.loads(cache.read_text())["chosen"] == 16.0
+
+    made = []
+    monkeypatch.setattr(ext.Calibration, "__init__", lambda *a, **k: made.append(1) or (_ for _ in ()).throw(
+        AssertionError("recomputed")))
+    again = pseudo_label(run, voc, "val", tmp_path / "again", progress=False)  # the cache answers
+    assert again["extent"] == e and not made
+    st = (run / "last.pt").stat()
+    os.utime(run / "last.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # new weights: asked again
+    with pytest.raises(AssertionError, match="recomputed"):
+        pseudo_label(run, voc, "val", tmp_path / "again2", progress=False)
+
+
+def test_guard_leaves_masks_that_keep_enough_bit_identical(voc, tmp_path, capsys):
+    run = _run(voc, tmp_path, "run", guard=1e-6)  # every non-empty mask keeps that much
+    res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
+    off = pseudo_label(run, voc, "val", tmp_path / "off", extent_guard=False, progress=False)
+    assert res["extent"]["chosen"] == res["extent"]["shipped"] == 1.0 and list(res["extent"]["kept"]) == ["1"]
+    assert "keep" not in capsys.readouterr().err and "extent" not in off
+    for png in sorted((tmp_path / "off").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "on" / png.name).read_bytes()
+
+
+def test_cam_guard_lowers_the_threshold_unless_the_caller_sets_one(voc, tmp_path):
+    run = _run(voc, tmp_path, "cam", guard=50.0, has_background=False)
+    res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
+    assert res["extent"]["knob"] == "bg_threshold" and res["extent"]["chosen"] == min(ext.THRESHOLDS)
+    assert res["protocol"]["bg_threshold"] == min(ext.THRESHOLDS)
+    assert res["protocol"]["bg_threshold_chosen"].startswith("extent guard")
+    given = pseudo_label(run, voc, "val", tmp_path / "given", bg_threshold=0.4, progress=False)
+    assert "extent" not in given and given["protocol"]["bg_threshold"] == 0.4
+
+
+def test_extent_guard_flag_turns_it_on_for_a_run_configured_without_it(voc, tmp_path):
+    run = _run(voc, tmp_path, "run", guard=0.0)
+    assert "extent" not in pseudo_label(run, voc, "val", tmp_path / "plain", progress=False)
+    res = pseudo_label(run, voc, "val", tmp_path / "on", extent_guard=True, progress=False)
+    assert res["extent"]["guard"] == ext.DEFAULT_GUARD and res["extent"]["shipped"] == 1.0
