@@ -91,6 +91,8 @@ def test_pseudo_label_grows_masks_under_the_bar_and_caches_the_choice(voc, tmp_p
         AssertionError("recomputed")))
     again = pseudo_label(run, voc, "val", tmp_path / "again", progress=False)  # the cache answers
     assert again["extent"] == e and not made
+    with pytest.raises(AssertionError, match="recomputed"):  # other maps (scales): decided again
+        pseudo_label(run, voc, "val", tmp_path / "scales", scales=[1.0, 0.5], progress=False)
     st = (run / "last.pt").stat()
     os.utime(run / "last.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # new weights: asked again
     with pytest.raises(AssertionError, match="recomputed"):

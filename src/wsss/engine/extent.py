@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from wsss.engine.inference import _threshold_mask, eval_transform, seed_mask, seed_probs
+from wsss.errors import DataError
 from wsss.io import atomic_write_json
 
 DEFAULT_GUARD = 0.5  # `--extent-guard` on a run whose config has it off: half of the whole image's score
@@ -70,7 +71,10 @@ class Calibration:
         for index in range(len(dataset)):
             if len(self.samples) == images:
                 break
-            sample = dataset[index]
+            try:
+                sample = dataset[index]
+            except DataError:  # an unreadable image only leaves the check; labelling reports it itself
+                continue
             if not sample.tags:
                 continue
             x = transform(sample, method.num_classes)["image"].to(device)
@@ -119,7 +123,6 @@ def _checkpoint_stamp(checkpoint: Path) -> dict:
 def _calibration_split(cfg, fallback):
     """The run's own train split (tags only), else `fallback` (the split being labelled)."""
     from wsss.data import open_dataset
-    from wsss.errors import DataError
 
     try:
         return open_dataset(cfg.data.root, cfg.data.train_split, cfg.data.format, cfg.data.tags_file), \
@@ -138,8 +141,11 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
     name = knob(method)
     current = float(getattr(cfg.infer, name))
     cache = Path(run_dir) / f"extent_{Path(checkpoint).stem}.json"
-    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "images": int(cfg.infer.extent_images),
-             "knob": name, "shipped": current}
+    infer = cfg.infer  # what makes the maps: a decision cached for other maps is made again
+    maps = {"scales": [float(v) for v in infer.scales], "flip": bool(infer.flip), "size": infer.size,
+            "resize": infer.resize, "normalise": infer.normalise, "absent": infer.absent}
+    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "images": int(infer.extent_images),
+             "knob": name, "shipped": current, "maps": maps}
     try:
         record = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or unreadable: made again (it is a cache)
@@ -154,7 +160,10 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
         chosen, rows = guarded_grow(cal, grid(method, cfg.infer), current, bar)
         record = {**stamp, "chosen": chosen, "source": source, "calibration_images": len(cal.samples),
                   "settings": {f"{s:g}": r for s, r in sorted(rows.items())}}
-        atomic_write_json(cache, record)
+        try:
+            atomic_write_json(cache, record)
+        except OSError as e:  # a read-only run folder: decided again next time, nothing else lost
+            print(f"warning: {cache}: cannot cache the extent guard's decision ({e})", file=sys.stderr)
     if record["chosen"] != current:
         kept = record["settings"][f"{current:g}"]["kept_ratio"]
         print(f"note: {run_dir}: the masks at {name}={current:g} keep {100 * kept:.0f}% of the classifier's score "
