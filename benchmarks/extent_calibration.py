@@ -29,6 +29,7 @@ for the runs it moves.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -68,10 +69,12 @@ def score_val(method, cfg, dataset) -> dict:
     """val mIoU (GT tags, no CRF) at every setting of the grid."""
     transform = eval_transform(cfg)
     mc = MultiConfusion(method.num_classes, knob_grid(method, cfg.infer))
+    infer = copy.deepcopy(cfg.infer)
+    infer.bg_power = 1.0  # the maps before the knob, which `masks_at` applies (as the engine's Calibration)
     for index in range(len(dataset)):
         sample = dataset[index]
         x = transform(sample, method.num_classes)["image"]
-        keep, probs = seed_probs(method, x, sample.tags, cfg.infer, sample.mask.shape)
+        keep, probs = seed_probs(method, x, sample.tags, infer, sample.mask.shape)
         gt = mask_tensor(sample.mask)
         for s in mc.keys():
             mc.update(s, masks_at(method, keep, probs, s), gt)
@@ -128,16 +131,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             moved = (f"-> {r['chosen']}: {r['miou_shipped']:.3f} -> {r['miou_chosen']:.3f} "
                      f"({100 * (r['miou_chosen'] - r['miou_shipped']):+.1f})" if "val" in r else "kept")
             print(f"{run}: shipped {r['shipped']} keeps {kept:.2f}; {moved}", flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(r, default=str) + "\n")
-            continue
-        r = run_row(args.data, run, args.images, args.alpha)
-        rows.append(r)
-        chosen = "; ".join(f"alpha {a}: {r['chosen'][a]} -> {r['miou_chosen'][a]:.3f} "
-                           f"({100 * (r['miou_chosen'][a] - r['miou_shipped']):+.1f})" for a in args.alpha)
-        print(f"{run}: shipped {r['shipped']} -> {r['miou_shipped']:.3f}; {chosen}; "
-              f"oracle {r['oracle']} -> {r['miou_oracle']:.3f}", flush=True)
+        else:
+            r = run_row(args.data, run, args.images, args.alpha)
+            rows.append(r)
+            chosen = "; ".join(f"alpha {a}: {r['chosen'][a]} -> {r['miou_chosen'][a]:.3f} "
+                               f"({100 * (r['miou_chosen'][a] - r['miou_shipped']):+.1f})" for a in args.alpha)
+            print(f"{run}: shipped {r['shipped']} -> {r['miou_shipped']:.3f}; {chosen}; "
+                  f"oracle {r['oracle']} -> {r['miou_oracle']:.3f}", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r, default=str) + "\n")
