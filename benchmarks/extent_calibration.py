@@ -36,15 +36,11 @@ from pathlib import Path
 import torch
 
 from wsss.data import open_dataset
-from wsss.engine.extent import Calibration, guarded_grow, knob, masks_at
+from wsss.engine.extent import Calibration, current, guarded_grow, masks_at
 from wsss.engine.extent import grid as knob_grid
 from wsss.engine.inference import eval_transform, load_run, seed_probs
 from wsss.evaluation import MultiConfusion
 from wsss.evaluation.metrics import mask_tensor
-
-
-def shipped(method, cfg) -> float:
-    return float(getattr(cfg.infer, knob(method)))
 
 
 def calibrate(method, cfg, dataset, images: int, alphas: list[float]) -> dict:
@@ -88,7 +84,7 @@ def run_row(data: Path, run: Path, images: int, alphas: list[float]) -> dict:
         raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
     cal = calibrate(method, cfg, open_dataset(data, "train"), images, alphas)
     val = score_val(method, cfg, val_split)
-    ship = shipped(method, cfg)
+    ship = current(method, cfg.infer)
     oracle = max(val, key=lambda s: val[s])
     return {"run": str(run), "shipped": ship, "miou_shipped": val[ship], "chosen": cal["chosen"],
             "miou_chosen": {a: val[s] for a, s in cal["chosen"].items()}, "oracle": oracle,
@@ -101,7 +97,7 @@ def guard_row(data: Path, run: Path, images: int, bar: float) -> dict:
     val_split = open_dataset(data, "val")
     if not val_split.has_masks:
         raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
-    ship = shipped(method, cfg)
+    ship = current(method, cfg.infer)
     cal = Calibration(method, cfg, open_dataset(data, "train"), images)
     chosen, rows = guarded_grow(cal, knob_grid(method, cfg.infer), ship, bar)
     row = {"run": str(run), "guard": bar, "shipped": ship, "chosen": chosen, "settings": rows}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.engine.inference import _threshold_mask, seed_mask
+from wsss.engine.inference import _threshold_mask, seed_mask, with_bg_power
 from wsss.evaluation.metrics import ConfusionMatrix
 from wsss.io import read_mask
 from wsss.postprocess.affinity import load_maps
@@ -47,7 +47,7 @@ def masks(probs: torch.Tensor, keep: list[int], mode: str, value: float) -> torc
     """Class ids [H, W] from saved maps (channel 0 the background, the others the tags) under one setting:
     the engine's own argmax (`seed_mask`) and threshold (`_threshold_mask`, as `--sweep-threshold` cuts)."""
     if mode == "power":
-        return torch.from_numpy(seed_mask(keep, torch.cat([probs[:1].clamp_min(0).pow(value), probs[1:]])))
+        return torch.from_numpy(seed_mask(keep, with_bg_power(probs, value)))
     if mode == "component":
         return torch.from_numpy(strongest_regions(keep, probs, value))
     return _threshold_mask(keep, probs, value)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from wsss.engine.inference import _threshold_mask, eval_transform, seed_mask, seed_probs
+from wsss.engine.inference import _threshold_mask, eval_transform, seed_mask, seed_probs, with_bg_power
 from wsss.errors import DataError
 from wsss.io import atomic_write_json
 
@@ -42,16 +42,20 @@ def knob(method) -> str:
     return "bg_power" if method.has_background else "bg_threshold"
 
 
+def current(method, infer) -> float:
+    """The knob's setting in `infer` (the config's, unless something moved it)."""
+    return float(getattr(infer, knob(method)))
+
+
 def grid(method, infer) -> list[float]:
     """The knob's settings, the current one among them."""
-    return sorted({*(POWERS if method.has_background else THRESHOLDS), float(getattr(infer, knob(method)))})
+    return sorted({*(POWERS if method.has_background else THRESHOLDS), current(method, infer)})
 
 
 def masks_at(method, keep: list[int], probs: torch.Tensor, setting: float) -> torch.Tensor:
     """uint8 class ids [H, W] from `seed_probs` output (made at bg_power 1) with the knob at `setting`."""
     if method.has_background:
-        powered = torch.cat([probs[:1].clamp_min(0).pow(setting), probs[1:]])
-        return torch.from_numpy(seed_mask(keep, powered))
+        return torch.from_numpy(seed_mask(keep, with_bg_power(probs, setting)))
     return _threshold_mask(keep, probs, setting)
 
 
@@ -139,13 +143,13 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
     if bar <= 0 or not method.uses_tags or (not method.has_background and cfg.infer.bg_alpha > 0):
         return None
     name = knob(method)
-    current = float(getattr(cfg.infer, name))
+    shipped = current(method, cfg.infer)
     cache = Path(run_dir) / f"extent_{Path(checkpoint).stem}.json"
     infer = cfg.infer  # what makes the maps: a decision cached for other maps is made again
     maps = {"scales": [float(v) for v in infer.scales], "flip": bool(infer.flip), "size": infer.size,
             "resize": infer.resize, "normalise": infer.normalise, "absent": infer.absent}
     stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "images": int(infer.extent_images),
-             "knob": name, "shipped": current, "maps": maps}
+             "knob": name, "shipped": shipped, "maps": maps}
     try:
         record = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or unreadable: made again (it is a cache)
@@ -157,16 +161,16 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
         cal = Calibration(method, cfg, dataset, int(cfg.infer.extent_images))
         if not cal.pairs:
             return None
-        chosen, rows = guarded_grow(cal, grid(method, cfg.infer), current, bar)
+        chosen, rows = guarded_grow(cal, grid(method, cfg.infer), shipped, bar)
         record = {**stamp, "chosen": chosen, "source": source, "calibration_images": len(cal.samples),
                   "settings": {f"{s:g}": r for s, r in sorted(rows.items())}}
         try:
             atomic_write_json(cache, record)
         except OSError as e:  # a read-only run folder: decided again next time, nothing else lost
             print(f"warning: {cache}: cannot cache the extent guard's decision ({e})", file=sys.stderr)
-    if record["chosen"] != current:
-        kept = record["settings"][f"{current:g}"]["kept_ratio"]
-        print(f"note: {run_dir}: the masks at {name}={current:g} keep {100 * kept:.0f}% of the classifier's score "
+    if record["chosen"] != shipped:
+        kept = record["settings"][f"{shipped:g}"]["kept_ratio"]
+        print(f"note: {run_dir}: the masks at {name}={shipped:g} keep {100 * kept:.0f}% of the classifier's score "
               f"for their classes (under {100 * bar:.0f}%: too small); {name}={record['chosen']:g} instead "
               f"(infer.extent_guard; 0 turns it off)", file=sys.stderr)
     setattr(cfg.infer, name, float(record["chosen"]))

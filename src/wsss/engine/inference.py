@@ -180,15 +180,22 @@ def seed_probs(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, o
     fg = acc[1:] if grid else acc[1:] / (acc[1:].amax(dim=(1, 2), keepdim=True) + EPS)
     if method.has_background:
         bg = acc[:1] if grid else acc[:1] / (acc[:1].amax(dim=(1, 2), keepdim=True) + EPS)
-        power = float(getattr(infer_cfg, "bg_power", 1.0))
-        if power != 1.0:  # the extent knob of these methods (wsss.engine.extent)
-            bg = bg.clamp_min(0).pow(power)
-    elif infer_cfg.bg_alpha > 0:
+        # the extent knob of these methods (wsss.engine.extent)
+        return keep, with_bg_power(torch.cat([bg, fg]).float(), float(getattr(infer_cfg, "bg_power", 1.0)))
+    if infer_cfg.bg_alpha > 0:
         top = fg.amax(0, keepdim=True) if len(tags) else torch.zeros_like(acc[:1])
         bg = (1 - top).clamp_min(0).pow(infer_cfg.bg_alpha)
     else:
         bg = torch.full_like(acc[:1], float(infer_cfg.bg_threshold))
     return keep, torch.cat([bg, fg]).float()
+
+
+def with_bg_power(probs: torch.Tensor, power: float) -> torch.Tensor:
+    """`seed_probs` output with its background channel (in [0, 1]) to `power`: > 1 lowers it, so the masks
+    grow; 1 leaves the tensor as it is."""
+    if power == 1.0:
+        return probs
+    return torch.cat([probs[:1].clamp_min(0).pow(power), probs[1:]])
 
 
 def class_probabilities(method, image: torch.Tensor, tags: list[int] | None, infer_cfg, out_size) -> torch.Tensor:
