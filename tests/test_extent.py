@@ -77,14 +77,14 @@ def test_pseudo_label_grows_masks_under_the_bar_and_caches_the_choice(voc, tmp_p
     assert "extent" not in off
     res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
     e = res["extent"]
-    assert e["knob"] == "bg_power" and e["shipped"] == 1.0 and e["chosen"] == 16.0
+    assert e["knob"] == "bg_power" and e["shipped"] == 1.0 and e["chosen"] == max(ext.POWERS)
     assert set(e["kept"]) == {f"{p:g}" for p in ext.POWERS}  # the whole grid, as the guard fired
     assert "keep" in capsys.readouterr().err  # the console says what moved and why
-    assert res["protocol"]["bg_threshold_chosen"].endswith("to the power 16 (extent guard on 8 train images)")
+    assert res["protocol"]["bg_threshold_chosen"].endswith("to the power 4 (extent guard on 8 train images)")
     fg = lambda r: r["diagnostics"]["foreground_fraction"]  # noqa: E731
     assert fg(res) > fg(off)
     cache = run / "extent_last.json"
-    assert json.loads(cache.read_text())["chosen"] == 16.0
+    assert json.loads(cache.read_text())["chosen"] == max(ext.POWERS)
 
     made = []
     monkeypatch.setattr(ext.Calibration, "__init__", lambda *a, **k: made.append(1) or (_ for _ in ()).throw(
