@@ -38,6 +38,7 @@ import torch
 from wsss.data import open_dataset
 from wsss.engine.extent import Calibration, current, guarded_grow, masks_at
 from wsss.engine.extent import grid as knob_grid
+from wsss.engine.extent import smallest_sufficient as choose  # the guard's own choice, at each alpha
 from wsss.engine.inference import eval_transform, load_run, seed_probs
 from wsss.evaluation import MultiConfusion
 from wsss.evaluation.metrics import mask_tensor
@@ -48,16 +49,8 @@ def calibrate(method, cfg, dataset, images: int, alphas: list[float]) -> dict:
     setting's figures."""
     cal = Calibration(method, cfg, dataset, images)
     rows = cal.rows(knob_grid(method, cfg.infer))
-    return {"chosen": {a: choose(rows, a) for a in alphas}, "settings": rows, "images": len(cal.samples),
-            "full_score": cal.full_score / cal.pairs}
-
-
-def choose(rows: dict, alpha: float) -> float:
-    """The smallest mean area whose kept-only score reaches alpha x the whole image's; else the largest."""
-    sufficient = [s for s in rows if rows[s]["kept_ratio"] >= alpha]
-    if sufficient:
-        return min(sufficient, key=lambda s: rows[s]["area"])
-    return max(rows, key=lambda s: rows[s]["area"])
+    return {"chosen": {a: choose(rows, a) for a in alphas}, "settings": rows,
+            "images": len(cal.samples), "full_score": cal.full_score / cal.pairs}
 
 
 @torch.no_grad()

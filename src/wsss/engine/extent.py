@@ -115,10 +115,15 @@ def guarded_grow(cal, settings: list[float], current: float, bar: float) -> tupl
     if cal.row(current)["kept_ratio"] >= bar:
         return current, cal.rows([current])
     rows = cal.rows(settings)
+    return smallest_sufficient(rows, bar), rows
+
+
+def smallest_sufficient(rows: dict, bar: float) -> float:
+    """The smallest-area setting whose masks keep `bar` of the whole image's score; else the largest-area one."""
     sufficient = [s for s in rows if rows[s]["kept_ratio"] >= bar]
     if sufficient:
-        return min(sufficient, key=lambda s: rows[s]["area"]), rows
-    return max(rows, key=lambda s: rows[s]["area"]), rows
+        return min(sufficient, key=lambda s: rows[s]["area"])
+    return max(rows, key=lambda s: rows[s]["area"])
 
 
 def _checkpoint_stamp(checkpoint: Path) -> dict:
