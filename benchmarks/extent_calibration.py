@@ -22,8 +22,9 @@ best of which is an oracle with ground truth, shown for diagnosis only) are scor
     python benchmarks/extent_calibration.py DATA RUN [RUN ...] [--images 16] [--alpha 0.85 0.95] [--json OUT]
 
 `--guard BAR` runs rule 21 (twenty-sixth session; the engine's `infer.extent_guard`, wsss.engine.extent) instead: the shipped setting unless its masks keep under BAR
-of the whole image's score, then the smallest setting that keeps BAR (else the largest); val is scored only
-for the runs it moves.
+of the whole image's score, then the smallest setting that keeps BAR (else the largest); `--max-area A` adds
+rule 24's shrink side (`infer.extent_max_area`): masks covering more than A of the pixels move to the smallest
+setting that keeps BAR (the same target). val is scored only for the runs it moves.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from wsss.data import open_dataset
-from wsss.engine.extent import Calibration, current, guarded_grow, masks_at
+from wsss.engine.extent import Calibration, current, guarded_choice, masks_at
 from wsss.engine.extent import grid as knob_grid
 from wsss.engine.extent import smallest_sufficient as choose  # the guard's own choice, at each alpha
 from wsss.engine.inference import eval_transform, load_run, seed_probs
@@ -84,16 +85,17 @@ def run_row(data: Path, run: Path, images: int, alphas: list[float]) -> dict:
             "miou_oracle": val[oracle], "calibration": cal, "val": val}
 
 
-def guard_row(data: Path, run: Path, images: int, bar: float) -> dict:
-    """Rule 21 on one run: val is scored only when the guard moves the setting (then at every setting)."""
+def guard_row(data: Path, run: Path, images: int, bar: float, max_area: float = 0.0) -> dict:
+    """The engine's guard on one run (rule 21; with `max_area`, rule 24's shrink side too): val is scored only
+    when the guard moves the setting (then at every setting)."""
     cfg, method, _ = load_run(run)
     val_split = open_dataset(data, "val")
     if not val_split.has_masks:
         raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
     ship = current(method, cfg.infer)
     cal = Calibration(method, cfg, open_dataset(data, "train"), images)
-    chosen, rows = guarded_grow(cal, knob_grid(method, cfg.infer), ship, bar)
-    row = {"run": str(run), "guard": bar, "shipped": ship, "chosen": chosen, "settings": rows}
+    chosen, rows = guarded_choice(cal, knob_grid(method, cfg.infer), ship, bar, max_area)
+    row = {"run": str(run), "guard": bar, "max_area": max_area, "shipped": ship, "chosen": chosen, "settings": rows}
     if chosen != ship:
         val = score_val(method, cfg, val_split)
         row.update(val=val, miou_shipped=val[ship], miou_chosen=val[chosen])
@@ -109,17 +111,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="kept-only score / whole-image score to reach (several: one choice each)")
     ap.add_argument("--guard", type=float,
                     help="rule 21 instead: grow the masks only where the shipped ones keep under this share")
+    ap.add_argument("--max-area", type=float, default=0.0,
+                    help="with --guard, rule 24: shrink the masks where the shipped ones cover more than this share")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = ap.parse_args(argv)
     rows = []
     for run in args.runs:
         if args.guard is not None:
-            r = guard_row(args.data, run, args.images, args.guard)
+            r = guard_row(args.data, run, args.images, args.guard, args.max_area)
             rows.append(r)
-            kept = r["settings"][r["shipped"]]["kept_ratio"]
+            at = r["settings"][r["shipped"]]
+            kept = f"{at['kept_ratio']:.2f} of the score, {at['area']:.2f} of the pixels"
             moved = (f"-> {r['chosen']}: {r['miou_shipped']:.3f} -> {r['miou_chosen']:.3f} "
                      f"({100 * (r['miou_chosen'] - r['miou_shipped']):+.1f})" if "val" in r else "kept")
-            print(f"{run}: shipped {r['shipped']} keeps {kept:.2f}; {moved}", flush=True)
+            print(f"{run}: shipped {r['shipped']} keeps {kept}; {moved}", flush=True)
         else:
             r = run_row(args.data, run, args.images, args.alpha)
             rows.append(r)

@@ -73,18 +73,18 @@ def _options(root: Path, seed: int, extra: list[str]) -> list[str]:
 
 
 def _train(preset: str, root: Path, seed: int, run: Path, extra: list[str]) -> None:
-    if not (run / "last.pt").exists():
-        run.mkdir(parents=True, exist_ok=True)
-        _wsss("train", f"demo/{preset}", *_options(root, seed, extra), "--out", str(run), log=run / "cell.log")
+    """Trains RUN, or continues it from RUN/last.pt: a stopped cell resumes exactly (a finished one is a no-op)."""
+    run.mkdir(parents=True, exist_ok=True)
+    _wsss("train", f"demo/{preset}", *_options(root, seed, extra), "--out", str(run), "--resume",
+          log=run / "cell.log")
 
 
 def stage2(root: Path, masks: Path, seed: int, run: Path, extra: list[str]) -> None:
-    """`demo/segment` trained on MASKS into RUN (unless it holds a run), then its tag-free predictions on val
+    """`demo/segment` trained on MASKS into RUN (continued from RUN/last.pt when it has one), then its tag-free predictions on val
     into RUN/pseudo."""
-    if not (run / "last.pt").exists():
-        run.mkdir(parents=True, exist_ok=True)
-        _wsss("segment", "demo/segment", "--pseudo", str(masks), *_options(root, seed, extra), "--out", str(run),
-              log=run / "cell.log")
+    run.mkdir(parents=True, exist_ok=True)
+    _wsss("segment", "demo/segment", "--pseudo", str(masks), *_options(root, seed, extra), "--out", str(run),
+          "--resume", log=run / "cell.log")
     code = ("import sys; from wsss.segment.predict import predict_dataset; "
             "predict_dataset(sys.argv[1], sys.argv[2], 'val', sys.argv[3], progress=False)")
     subprocess.run([sys.executable, "-c", code, str(run), str(root), str(run / "pseudo")], check=True, env=_env())

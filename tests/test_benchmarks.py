@@ -179,8 +179,9 @@ def test_family_table_cells_and_markdown(bench, tmp_path, monkeypatch):
 
 
 def test_family_table_absent_mode_rescores_the_trained_run(bench, tmp_path, monkeypatch):
-    """--absent MODE: the trained run is reused (no training call) and scored into RUN/pseudo_MODE with
-    `pseudo-label --absent MODE`; stage 2 (segment) ignores it."""
+    """--absent MODE: the trained run is reused (only continued from its last.pt, which is a no-op on a
+    finished run) and scored into RUN/pseudo_MODE with `pseudo-label --absent MODE`; stage 2 (segment)
+    ignores it."""
     ft = bench("family_table")
     run = tmp_path / "work" / "F4" / "tkp_pcl_s0"
     run.mkdir(parents=True)
@@ -189,6 +190,8 @@ def test_family_table_absent_mode_rescores_the_trained_run(bench, tmp_path, monk
 
     def fake_wsss(*args, log):
         calls.append(args)
+        if args[0] == "train":
+            return
         out = Path(args[args.index("--out") + 1])
         out.mkdir(parents=True)
         (out / "summary.json").write_text(json.dumps({"miou": 0.4, "diagnostics": {"foreground_fraction": 0.1}}))
@@ -197,7 +200,8 @@ def test_family_table_absent_mode_rescores_the_trained_run(bench, tmp_path, monk
     monkeypatch.setattr(ft, "_wsss", fake_wsss)
     row = ft.cell("F4", "tkp_pcl", 0, tmp_path, tmp_path / "work", [], absent="won")
     assert row["miou"] == 0.4 and (run / "pseudo_won" / "summary.json").is_file()
-    assert len(calls) == 1 and calls[0][0] == "pseudo-label" and calls[0][-2:] == ("--absent", "won")
+    assert [c[0] for c in calls] == ["train", "pseudo-label"] and "--resume" in calls[0]
+    assert Path(calls[0][calls[0].index("--out") + 1]) == run and calls[1][-2:] == ("--absent", "won")
 
 
 def test_false_positive_where_puts_each_pixel_in_its_place(bench, tmp_path):
@@ -286,6 +290,8 @@ def test_refine_table_cell_commands_and_paired_gain(bench, tmp_path, monkeypatch
 
     def fake_wsss(*args, log):
         calls.append(args)
+        if args[0] == "train":
+            return
         out = Path(args[args.index("--out") + 1])
         miou = {"pseudo-label": 0.7 if "--crf" in args else 0.5, "refine": 0.75}[args[0]]
         _fake_masks(out, miou, [[2, 2, 0, 0]] if args[0] == "refine" else [[0, 1, 1, 0]])

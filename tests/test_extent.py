@@ -20,9 +20,10 @@ def voc(tmp_path_factory):
     return make_voc(tmp_path_factory.mktemp("voc"))
 
 
-def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True):
+def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True, max_area: float = 0.0):
     cfg = make_cfg(voc, epochs=1, val_every=0, method={"has_background": has_background})  # last.pt only
     cfg.infer.extent_guard = guard
+    cfg.infer.extent_max_area = max_area  # 0: the grow side alone, unless a test asks for the shrink side
     train(cfg, tmp_path / name, progress=False)
     return tmp_path / name
 
@@ -45,12 +46,12 @@ def test_guard_grows_only_masks_that_keep_too_little():
     settings = [0.2, 0.5, 0.8]
     right = Curve({0.2: {"area": 0.6, "kept_ratio": 0.9}, 0.5: {"area": 0.3, "kept_ratio": 0.7},
                    0.8: {"area": 0.1, "kept_ratio": 0.4}})
-    assert ext.guarded_grow(right, settings, 0.5, 0.5)[0] == 0.5 and set(right.asked) == {0.5}  # one setting
+    assert ext.guarded_choice(right, settings, 0.5, 0.5)[0] == 0.5 and set(right.asked) == {0.5}  # one setting
     # at 0.8 the masks keep 0.4 < 0.5: the smallest masks that keep half, not the largest
-    assert ext.guarded_grow(right, settings, 0.8, 0.5)[0] == 0.5
+    assert ext.guarded_choice(right, settings, 0.8, 0.5)[0] == 0.5
     far = Curve({0.2: {"area": 0.3, "kept_ratio": 0.3}, 0.5: {"area": 0.2, "kept_ratio": 0.2},
                  0.8: {"area": 0.1, "kept_ratio": 0.1}})
-    assert ext.guarded_grow(far, settings, 0.8, 0.5)[0] == 0.2  # none keeps half: the largest masks
+    assert ext.guarded_choice(far, settings, 0.8, 0.5)[0] == 0.2  # none keeps half: the largest masks
 
 
 def test_bg_power_lowers_the_background_channel_and_grows_the_masks():
@@ -124,3 +125,35 @@ def test_extent_guard_flag_turns_it_on_for_a_run_configured_without_it(voc, tmp_
     assert "extent" not in pseudo_label(run, voc, "val", tmp_path / "plain", progress=False)
     res = pseudo_label(run, voc, "val", tmp_path / "on", extent_guard=True, progress=False)
     assert res["extent"]["guard"] == ext.DEFAULT_GUARD and res["extent"]["shipped"] == 1.0
+
+
+def test_pseudo_label_shrinks_masks_over_the_area_bound(voc, tmp_path, capsys):
+    run = _run(voc, tmp_path, "wide", guard=1e-6, max_area=1e-6)  # the masks keep enough and cover too much
+    off = pseudo_label(run, voc, "val", tmp_path / "off", extent_guard=False, progress=False)
+    res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
+    e = res["extent"]
+    assert e["max_area"] == 1e-6 and set(e["area"]) == {f"{p:g}" for p in ext.POWERS}  # the whole grid
+    # the smallest masks that still keep the bar, as the grow side would choose
+    sufficient = [s for s in e["kept"] if e["kept"][s] >= 1e-6]
+    assert f"{e['chosen']:g}" == min(sufficient, key=lambda s: e["area"][s]) and e["chosen"] < 1
+    assert "too large" in capsys.readouterr().err
+    fg = lambda r: r["diagnostics"]["foreground_fraction"]  # noqa: E731
+    assert fg(res) < fg(off)
+
+
+def test_guard_shrinks_masks_that_cover_too_much_and_only_those():
+    settings = [0.25, 0.5, 1.0]
+    curve = {0.25: {"area": 0.2, "kept_ratio": 0.4}, 0.5: {"area": 0.35, "kept_ratio": 0.8},
+             1.0: {"area": 0.7, "kept_ratio": 1.0}}
+    wide = Curve(curve)
+    # at 1.0 the masks keep the score but cover 70% of the pixels: the smallest masks that keep half
+    assert ext.guarded_choice(wide, settings, 1.0, 0.5, 0.4)[0] == 0.5
+    assert ext.guarded_choice(Curve(curve), settings, 1.0, 0.5, 0.0)[0] == 1.0  # 0: the guard only grows
+    right = Curve(curve)
+    assert ext.guarded_choice(right, settings, 0.5, 0.5, 0.4)[0] == 0.5 and set(right.asked) == {0.5}  # one setting
+    # the target is the score's, not the bound's: masks that still keep half go under it
+    keeps = Curve({**curve, 0.25: {"area": 0.2, "kept_ratio": 0.6}})
+    assert ext.guarded_choice(keeps, settings, 1.0, 0.5, 0.4)[0] == 0.25
+    # too small wins over too large: a setting that keeps under the bar grows, whatever its area
+    small = Curve({**curve, 1.0: {"area": 0.7, "kept_ratio": 0.3}})
+    assert ext.guarded_choice(small, settings, 1.0, 0.5, 0.4)[0] == 0.5

@@ -182,6 +182,10 @@ class InferConfig:
     # the run's first `extent_images` tagged train images keep under this share of the classifier's score for
     # their classes, the knob (bg_threshold, or bg_power) moves to larger masks. 0: off. Once per checkpoint.
     extent_guard: float = 0.0
+    # With the guard on: where those masks cover more than this share of the pixels on average (far above the
+    # objects' share in VOC, COCO and the benchmark families), the knob moves to the smallest masks that keep
+    # the guard's share of the score (rule 24). 0: the guard only grows.
+    extent_max_area: float = 0.4
     extent_images: int = 16
     crf: CRFConfig = field(default_factory=CRFConfig)
 

@@ -7,9 +7,12 @@ on the first `infer.extent_images` tagged train images it keeps only each tag's 
 the mean colour, 0 after normalising) and compares the classifier's score for the tag with the whole image's.
 Where the masks keep under `infer.extent_guard` of that score, most of the evidence the classifier used lies
 outside them, and the knob moves to the smallest setting whose masks keep that share (none: the largest masks
-on the grid). Only the grow side: runs already right keep 66-99% of the score, the under-covering digit runs
-10-38%, while over-covering runs (1.02-1.06) are not told apart from right ones (0.99) by this score
-(RESULTS.md, rule 21).
+on the grid). Runs already right keep 66-99% of the score, the under-covering digit runs 10-38%, while
+over-covering runs (1.02-1.06) are not told apart from right ones (0.99) by this score (RESULTS.md, rule 21).
+So the shrink side is triggered by the masks' area instead: where they cover more than
+`infer.extent_max_area` (0.4) of the pixels on average, far above the objects' share in VOC (about a quarter),
+COCO's things (about a third) and every benchmark family (6-22%), the knob moves to the same target as the
+grow side, the smallest masks that keep the bar (rule 24).
 
 The knob: the constant background score (`infer.bg_threshold`) for methods without a background channel,
 the power on the background channel (`infer.bg_power`, > 1 grows the masks) for those with one. The choice
@@ -109,10 +112,14 @@ class Calibration:
         return {s: self.row(s) for s in settings}
 
 
-def guarded_grow(cal, settings: list[float], current: float, bar: float) -> tuple[float, dict]:
-    """The current setting unless its masks keep under `bar` of the whole image's score; then the
-    smallest-area setting that keeps `bar`, else the largest-area one. Returns (setting, rows computed)."""
-    if cal.row(current)["kept_ratio"] >= bar:
+def guarded_choice(cal, settings: list[float], current: float, bar: float, max_area: float = 0.0
+                   ) -> tuple[float, dict]:
+    """The current setting unless its masks are far off: too small (they keep under `bar` of the whole image's
+    score) or too large (they cover more than `max_area` of the pixels on average; 0: never). Then the
+    smallest-area setting that keeps `bar` (too large: never larger than the current one, which keeps it),
+    else the largest-area one. Returns (setting, rows computed)."""
+    row = cal.row(current)
+    if row["kept_ratio"] >= bar and not 0 < max_area < row["area"]:
         return current, cal.rows([current])
     rows = cal.rows(settings)
     return smallest_sufficient(rows, bar), rows
@@ -155,7 +162,8 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
     infer = cfg.infer  # what makes the maps: a decision cached for other maps is made again
     maps = {"scales": [float(v) for v in infer.scales], "flip": bool(infer.flip), "size": infer.size,
             "resize": infer.resize, "normalise": infer.normalise, "absent": infer.absent}
-    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "images": int(infer.extent_images),
+    max_area = float(infer.extent_max_area)
+    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "max_area": max_area, "images": int(infer.extent_images),
              "knob": name, "shipped": shipped, "maps": maps}
     try:
         record = json.loads(cache.read_text(encoding="utf-8"))
@@ -168,7 +176,7 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
         cal = Calibration(method, cfg, dataset, int(cfg.infer.extent_images))
         if not cal.pairs:
             return None
-        chosen, rows = guarded_grow(cal, grid(method, cfg.infer), shipped, bar)
+        chosen, rows = guarded_choice(cal, grid(method, cfg.infer), shipped, bar, max_area)
         record = {**stamp, "chosen": chosen, "source": source, "calibration_images": len(cal.samples),
                   "settings": {f"{s:g}": r for s, r in sorted(rows.items())}}
         try:
@@ -176,9 +184,11 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
         except OSError as e:  # a read-only run folder: decided again next time, nothing else lost
             print(f"warning: {cache}: cannot cache the extent guard's decision ({e})", file=sys.stderr)
     if record["chosen"] != shipped:
-        kept = record["settings"][f"{shipped:g}"]["kept_ratio"]
-        print(f"note: {run_dir}: the masks at {name}={shipped:g} keep {100 * kept:.0f}% of the classifier's score "
-              f"for their classes (under {100 * bar:.0f}%: too small); {name}={record['chosen']:g} instead "
-              f"(infer.extent_guard; 0 turns it off)", file=sys.stderr)
+        at = record["settings"][f"{shipped:g}"]
+        why = (f"keep {100 * at['kept_ratio']:.0f}% of the classifier's score for their classes (under "
+               f"{100 * bar:.0f}%: too small)" if at["kept_ratio"] < bar else
+               f"cover {100 * at['area']:.0f}% of the pixels (over {100 * max_area:.0f}%: too large)")
+        print(f"note: {run_dir}: the masks at {name}={shipped:g} {why}; {name}={record['chosen']:g} instead "
+              f"(infer.extent_guard / infer.extent_max_area; 0 turns each off)", file=sys.stderr)
     setattr(cfg.infer, name, float(record["chosen"]))
     return record

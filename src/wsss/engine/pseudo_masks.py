@@ -138,11 +138,12 @@ def _claim_mask_settings(path: Path, infer, weights, split: str, crf: bool, pred
 
 
 def _extent_brief(record: dict) -> dict:
-    """The extent guard's decision for summary.json: the knob, its shipped and chosen settings, and the
-    share of the classifier's score the masks keep at each setting computed."""
+    """The extent guard's decision for summary.json: the knob, its shipped and chosen settings, and at each
+    setting computed the share of the classifier's score the masks keep and of the pixels they cover."""
     return {"knob": record["knob"], "shipped": record["shipped"], "chosen": record["chosen"],
-            "guard": record["guard"], "source": record["source"],
-            "kept": {s: round(r["kept_ratio"], 4) for s, r in record["settings"].items()}}
+            "guard": record["guard"], "max_area": record["max_area"], "source": record["source"],
+            "kept": {s: round(r["kept_ratio"], 4) for s, r in record["settings"].items()},
+            "area": {s: round(r["area"], 4) for s, r in record["settings"].items()}}
 
 
 def _write_sweep(out_dir: Path, sweep_cm, common: dict, proto: dict) -> dict:
@@ -191,7 +192,7 @@ def pseudo_label(
     {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
     `extent_guard` (None: the run's `infer.extent_guard`; False: off; True: on, at the run's bar or 0.5):
     the masks' extent checked against the run's own classifier and moved to larger masks where they are far
-    too small (wsss.engine.extent), not when the caller gives `bg_threshold` or sweeps; the decision is in
+    too small, to smaller ones where they cover more than `infer.extent_max_area` (wsss.engine.extent), not when the caller gives `bg_threshold` or sweeps; the decision is in
     OUT/summary.json's "extent".
     A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
     and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
