@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.95],
                     help="kept-only score / whole-image score to reach (several: one choice each)")
     ap.add_argument("--guard", type=float,
-                    help="rule 21 instead: grow the masks only where the shipped ones keep under this share")
+                    help="the engine's guard instead (rule 21): grow the masks only where the shipped ones keep "
+                         "under this share")
     ap.add_argument("--max-area", type=float, default=0.0,
                     help="with --guard, rule 24: shrink the masks where the shipped ones cover more than this share")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")

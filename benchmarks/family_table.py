@@ -80,8 +80,8 @@ def _train(preset: str, root: Path, seed: int, run: Path, extra: list[str]) -> N
 
 
 def stage2(root: Path, masks: Path, seed: int, run: Path, extra: list[str]) -> None:
-    """`demo/segment` trained on MASKS into RUN (continued from RUN/last.pt when it has one), then its tag-free predictions on val
-    into RUN/pseudo."""
+    """`demo/segment` trained on MASKS into RUN (continued from RUN/last.pt when it has one), then its tag-free
+    predictions on val into RUN/pseudo."""
     run.mkdir(parents=True, exist_ok=True)
     _wsss("segment", "demo/segment", "--pseudo", str(masks), *_options(root, seed, extra), "--out", str(run),
           "--resume", log=run / "cell.log")

@@ -232,8 +232,9 @@ def pseudo_label(
              "(infer.absent; default: the run's config).")] = None,
     extent_guard: Annotated[bool | None, typer.Option(
         "--extent-guard/--no-extent-guard",
-        help="Check the masks' extent against the run's own classifier and grow masks that are far too small "
-             "(infer.extent_guard; default: the run's config; not with --bg-threshold).")] = None,
+        help="Check the masks' extent against the run's own classifier: grow masks that are far too small, "
+             "shrink masks over infer.extent_max_area of the pixels (infer.extent_guard; default: the run's "
+             "config; not with --bg-threshold).")] = None,
     save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npz).")] = False,
     sweep_threshold: Annotated[
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")

@@ -163,8 +163,8 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
     maps = {"scales": [float(v) for v in infer.scales], "flip": bool(infer.flip), "size": infer.size,
             "resize": infer.resize, "normalise": infer.normalise, "absent": infer.absent}
     max_area = float(infer.extent_max_area)
-    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "max_area": max_area, "images": int(infer.extent_images),
-             "knob": name, "shipped": shipped, "maps": maps}
+    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "max_area": max_area,
+             "images": int(infer.extent_images), "knob": name, "shipped": shipped, "maps": maps}
     try:
         record = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or unreadable: made again (it is a cache)

@@ -192,8 +192,8 @@ def pseudo_label(
     {"sweep": {thr: miou}, "best_threshold", "best_miou", ...}.
     `extent_guard` (None: the run's `infer.extent_guard`; False: off; True: on, at the run's bar or 0.5):
     the masks' extent checked against the run's own classifier and moved to larger masks where they are far
-    too small, to smaller ones where they cover more than `infer.extent_max_area` (wsss.engine.extent), not when the caller gives `bg_threshold` or sweeps; the decision is in
-    OUT/summary.json's "extent".
+    too small, to smaller ones where they cover more than `infer.extent_max_area` (wsss.engine.extent), not
+    when the caller gives `bg_threshold` or sweeps; the decision is in OUT/summary.json's "extent".
     A bad image or mask is a DataError naming the file; with `skip_bad` it is left out (no PNG, no metric)
     and listed, "PATH: problem", in the result's and OUT/summary.json's "skipped" (as are split-file
     problems: ids naming missing images, repeated ids, paths).
