@@ -24,7 +24,8 @@ best of which is an oracle with ground truth, shown for diagnosis only) are scor
 `--guard BAR` runs rule 21 (twenty-sixth session; the engine's `infer.extent_guard`, wsss.engine.extent) instead: the shipped setting unless its masks keep under BAR
 of the whole image's score, then the smallest setting that keeps BAR (else the largest); `--max-area A` adds
 rule 24's shrink side (`infer.extent_max_area`): masks covering more than A of the pixels move to the smallest
-setting that keeps BAR (the same target). val is scored only for the runs it moves.
+setting that keeps BAR (the same target), or with `--target-area T` (rule 25, the engine's default) to the largest
+setting whose masks cover at most T. val is scored only for the runs it moves.
 """
 
 from __future__ import annotations
@@ -85,17 +86,20 @@ def run_row(data: Path, run: Path, images: int, alphas: list[float]) -> dict:
             "miou_oracle": val[oracle], "calibration": cal, "val": val}
 
 
-def guard_row(data: Path, run: Path, images: int, bar: float, max_area: float = 0.0) -> dict:
-    """The engine's guard on one run (rule 21; with `max_area`, rule 24's shrink side too): val is scored only
-    when the guard moves the setting (then at every setting)."""
+def guard_row(data: Path, run: Path, images: int, bar: float, max_area: float = 0.0, target_area: float = 0.0
+              ) -> dict:
+    """The engine's guard on one run (rule 21; with `max_area`, the shrink side too: to `target_area`, rule 25,
+    or with 0 to the smallest masks that keep `bar`, rule 24): val is scored only when the guard moves the
+    setting (then at every setting)."""
     cfg, method, _ = load_run(run)
     val_split = open_dataset(data, "val")
     if not val_split.has_masks:
         raise SystemExit(f"{data}: split 'val' has no ground-truth masks to score")
     ship = current(method, cfg.infer)
     cal = Calibration(method, cfg, open_dataset(data, "train"), images)
-    chosen, rows = guarded_choice(cal, knob_grid(method, cfg.infer), ship, bar, max_area)
-    row = {"run": str(run), "guard": bar, "max_area": max_area, "shipped": ship, "chosen": chosen, "settings": rows}
+    chosen, rows = guarded_choice(cal, knob_grid(method, cfg.infer), ship, bar, max_area, target_area)
+    row = {"run": str(run), "guard": bar, "max_area": max_area, "target_area": target_area, "shipped": ship,
+           "chosen": chosen, "settings": rows}
     if chosen != ship:
         val = score_val(method, cfg, val_split)
         row.update(val=val, miou_shipped=val[ship], miou_chosen=val[chosen])
@@ -113,13 +117,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="the engine's guard instead (rule 21): grow the masks only where the shipped ones keep "
                          "under this share")
     ap.add_argument("--max-area", type=float, default=0.0,
-                    help="with --guard, rule 24: shrink the masks where the shipped ones cover more than this share")
+                    help="with --guard: shrink the masks where the shipped ones cover more than this share")
+    ap.add_argument("--target-area", type=float, default=0.0,
+                    help="with --max-area, rule 25: to the largest masks within this share (0: rule 24, the "
+                         "smallest masks that keep the --guard share)")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = ap.parse_args(argv)
     rows = []
     for run in args.runs:
         if args.guard is not None:
-            r = guard_row(args.data, run, args.images, args.guard, args.max_area)
+            r = guard_row(args.data, run, args.images, args.guard, args.max_area, args.target_area)
             rows.append(r)
             at = r["settings"][r["shipped"]]
             kept = f"{at['kept_ratio']:.2f} of the score, {at['area']:.2f} of the pixels"

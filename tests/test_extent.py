@@ -133,9 +133,11 @@ def test_pseudo_label_shrinks_masks_over_the_area_bound(voc, tmp_path, capsys):
     res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
     e = res["extent"]
     assert e["max_area"] == 1e-6 and set(e["area"]) == {f"{p:g}" for p in ext.POWERS}  # the whole grid
-    # the smallest masks that still keep the bar, as the grow side would choose
-    sufficient = [s for s in e["kept"] if e["kept"][s] >= 1e-6]
-    assert f"{e['chosen']:g}" == min(sufficient, key=lambda s: e["area"][s]) and e["chosen"] < 1
+    # the largest masks within the target area (the config's default), else the smallest masks of the grid
+    assert e["target_area"] == 0.25
+    within = [s for s in e["area"] if e["area"][s] <= 0.25]
+    want = max(within, key=lambda s: e["area"][s]) if within else min(e["area"], key=lambda s: e["area"][s])
+    assert f"{e['chosen']:g}" == want and e["chosen"] < 1
     assert "too large" in capsys.readouterr().err
     fg = lambda r: r["diagnostics"]["foreground_fraction"]  # noqa: E731
     assert fg(res) < fg(off)
@@ -151,9 +153,15 @@ def test_guard_shrinks_masks_that_cover_too_much_and_only_those():
     assert ext.guarded_choice(Curve(curve), settings, 1.0, 0.5, 0.0)[0] == 1.0  # 0: the guard only grows
     right = Curve(curve)
     assert ext.guarded_choice(right, settings, 0.5, 0.5, 0.4)[0] == 0.5 and set(right.asked) == {0.5}  # one setting
-    # the target is the score's, not the bound's: masks that still keep half go under it
+    # target area 0 (rule 24): the target is the score's, not the bound's: masks that still keep half go under it
     keeps = Curve({**curve, 0.25: {"area": 0.2, "kept_ratio": 0.6}})
     assert ext.guarded_choice(keeps, settings, 1.0, 0.5, 0.4)[0] == 0.25
+    # a target area (rule 25): the largest masks within it, whatever share of the score the smaller ones keep
+    assert ext.guarded_choice(Curve(curve), settings, 1.0, 0.5, 0.4, 0.25)[0] == 0.25
+    assert ext.guarded_choice(Curve(curve), settings, 1.0, 0.5, 0.4, 0.36)[0] == 0.5
+    assert ext.guarded_choice(keeps, settings, 1.0, 0.5, 0.4, 0.1)[0] == 0.25  # none within: the smallest masks
+    assert ext.guarded_choice(Curve(curve), settings, 0.5, 0.5, 0.4, 0.25)[0] == 0.5  # not too large: kept
     # too small wins over too large: a setting that keeps under the bar grows, whatever its area
     small = Curve({**curve, 1.0: {"area": 0.7, "kept_ratio": 0.3}})
     assert ext.guarded_choice(small, settings, 1.0, 0.5, 0.4)[0] == 0.5
+    assert ext.guarded_choice(small, settings, 1.0, 0.5, 0.4, 0.25)[0] == 0.5

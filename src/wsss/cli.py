@@ -233,8 +233,8 @@ def pseudo_label(
     extent_guard: Annotated[bool | None, typer.Option(
         "--extent-guard/--no-extent-guard",
         help="Check the masks' extent against the run's own classifier: grow masks that are far too small, "
-             "shrink masks over infer.extent_max_area of the pixels (infer.extent_guard; default: the run's "
-             "config; not with --bg-threshold).")] = None,
+             "shrink masks over infer.extent_max_area of the pixels to infer.extent_target_area "
+             "(infer.extent_guard; default: the run's config; not with --bg-threshold).")] = None,
     save_maps: Annotated[bool, typer.Option(help="Also save float16 class maps (maps/<id>.npz).")] = False,
     sweep_threshold: Annotated[
         str | None, typer.Option(help="start:stop:step of background thresholds to sweep (no PNGs written).")

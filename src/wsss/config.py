@@ -183,9 +183,12 @@ class InferConfig:
     # their classes, the knob (bg_threshold, or bg_power) moves to larger masks. 0: off. Once per checkpoint.
     extent_guard: float = 0.0
     # With the guard on: where those masks cover more than this share of the pixels on average (far above the
-    # objects' share in VOC, COCO and the benchmark families), the knob moves to the smallest masks that keep
-    # the guard's share of the score (rule 24). 0: the guard only grows.
+    # objects' share in VOC, COCO and the benchmark families), the knob moves to smaller masks. 0: the guard
+    # only grows.
     extent_max_area: float = 0.4
+    # ... to the largest masks that cover at most this share (about VOC's objects; rule 25). 0: to the smallest
+    # masks that keep the guard's share of the score instead (rule 24), which the over-covering runs all keep.
+    extent_target_area: float = 0.25
     extent_images: int = 16
     crf: CRFConfig = field(default_factory=CRFConfig)
 

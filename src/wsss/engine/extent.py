@@ -11,8 +11,10 @@ on the grid). Runs already right keep 66-99% of the score, the under-covering di
 over-covering runs (1.02-1.06) are not told apart from right ones (0.99) by this score (RESULTS.md, rule 21).
 So the shrink side is triggered by the masks' area instead: where they cover more than
 `infer.extent_max_area` (0.4) of the pixels on average, far above the objects' share in VOC (about a quarter),
-COCO's things (about a third) and every benchmark family (6-22%), the knob moves to the same target as the
-grow side, the smallest masks that keep the bar (rule 24).
+COCO's things (about a third) and every benchmark family (6-22%), the knob moves to the largest masks that
+cover at most `infer.extent_target_area` (0.25, VOC's share; rule 25). The score cannot pick that size, as
+every smaller setting keeps it too: taking the smallest masks that keep the bar (rule 24, target area 0) lands
+on the grid's end and cut into the objects of the small-image family.
 
 The knob: the constant background score (`infer.bg_threshold`) for methods without a background channel,
 the power on the background channel (`infer.bg_power`, > 1 grows the masks) for those with one. The choice
@@ -112,17 +114,21 @@ class Calibration:
         return {s: self.row(s) for s in settings}
 
 
-def guarded_choice(cal, settings: list[float], current: float, bar: float, max_area: float = 0.0
-                   ) -> tuple[float, dict]:
-    """The current setting unless its masks are far off: too small (they keep under `bar` of the whole image's
-    score) or too large (they cover more than `max_area` of the pixels on average; 0: never). Then the
-    smallest-area setting that keeps `bar` (too large: never larger than the current one, which keeps it),
-    else the largest-area one. Returns (setting, rows computed)."""
+def guarded_choice(cal, settings: list[float], current: float, bar: float, max_area: float = 0.0,
+                   target_area: float = 0.0) -> tuple[float, dict]:
+    """The current setting unless its masks are far off. Too small (they keep under `bar` of the whole image's
+    score): the smallest-area setting that keeps `bar`, else the largest-area one. Too large (they cover more
+    than `max_area` of the pixels on average; 0: never): the largest-area setting within `target_area`, else
+    the smallest-area one; `target_area` 0: the smallest-area setting that keeps `bar`, never larger than the
+    current one, which keeps it. Returns (setting, rows computed)."""
     row = cal.row(current)
-    if row["kept_ratio"] >= bar and not 0 < max_area < row["area"]:
+    too_small = row["kept_ratio"] < bar
+    if not too_small and not 0 < max_area < row["area"]:
         return current, cal.rows([current])
     rows = cal.rows(settings)
-    return smallest_sufficient(rows, bar), rows
+    if too_small or target_area <= 0:
+        return smallest_sufficient(rows, bar), rows
+    return largest_within(rows, target_area), rows
 
 
 def smallest_sufficient(rows: dict, bar: float) -> float:
@@ -131,6 +137,14 @@ def smallest_sufficient(rows: dict, bar: float) -> float:
     if sufficient:
         return min(sufficient, key=lambda s: rows[s]["area"])
     return max(rows, key=lambda s: rows[s]["area"])
+
+
+def largest_within(rows: dict, area: float) -> float:
+    """The largest-area setting whose masks cover at most `area` of the pixels; else the smallest-area one."""
+    within = [s for s in rows if rows[s]["area"] <= area]
+    if within:
+        return max(within, key=lambda s: rows[s]["area"])
+    return min(rows, key=lambda s: rows[s]["area"])
 
 
 def _checkpoint_stamp(checkpoint: Path) -> dict:
@@ -162,8 +176,8 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
     infer = cfg.infer  # what makes the maps: a decision cached for other maps is made again
     maps = {"scales": [float(v) for v in infer.scales], "flip": bool(infer.flip), "size": infer.size,
             "resize": infer.resize, "normalise": infer.normalise, "absent": infer.absent}
-    max_area = float(infer.extent_max_area)
-    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "max_area": max_area,
+    max_area, target_area = float(infer.extent_max_area), float(infer.extent_target_area)
+    stamp = {**_checkpoint_stamp(Path(checkpoint)), "guard": bar, "max_area": max_area, "target_area": target_area,
              "images": int(infer.extent_images), "knob": name, "shipped": shipped, "maps": maps}
     try:
         record = json.loads(cache.read_text(encoding="utf-8"))
@@ -176,7 +190,7 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
         cal = Calibration(method, cfg, dataset, int(cfg.infer.extent_images))
         if not cal.pairs:
             return None
-        chosen, rows = guarded_choice(cal, grid(method, cfg.infer), shipped, bar, max_area)
+        chosen, rows = guarded_choice(cal, grid(method, cfg.infer), shipped, bar, max_area, target_area)
         record = {**stamp, "chosen": chosen, "source": source, "calibration_images": len(cal.samples),
                   "settings": {f"{s:g}": r for s, r in sorted(rows.items())}}
         try:
@@ -189,6 +203,6 @@ def apply_extent_guard(run_dir, cfg, method, checkpoint: Path, fallback) -> dict
                f"{100 * bar:.0f}%: too small)" if at["kept_ratio"] < bar else
                f"cover {100 * at['area']:.0f}% of the pixels (over {100 * max_area:.0f}%: too large)")
         print(f"note: {run_dir}: the masks at {name}={shipped:g} {why}; {name}={record['chosen']:g} instead "
-              f"(infer.extent_guard / infer.extent_max_area; 0 turns each off)", file=sys.stderr)
+              f"(infer.extent_guard / infer.extent_max_area / infer.extent_target_area)", file=sys.stderr)
     setattr(cfg.infer, name, float(record["chosen"]))
     return record

@@ -141,7 +141,8 @@ def _extent_brief(record: dict) -> dict:
     """The extent guard's decision for summary.json: the knob, its shipped and chosen settings, and at each
     setting computed the share of the classifier's score the masks keep and of the pixels they cover."""
     return {"knob": record["knob"], "shipped": record["shipped"], "chosen": record["chosen"],
-            "guard": record["guard"], "max_area": record["max_area"], "source": record["source"],
+            "guard": record["guard"], "max_area": record["max_area"],
+            "target_area": record["target_area"], "source": record["source"],
             "kept": {s: round(r["kept_ratio"], 4) for s, r in record["settings"].items()},
             "area": {s: round(r["area"], 4) for s, r in record["settings"].items()}}
 
