@@ -52,6 +52,14 @@ def test_unknown_key_names_closest(tmp_path):
         load_config(None, ["method.name=cma"])
 
 
+def test_extent_areas_are_shares_and_the_target_is_under_the_bound():
+    with pytest.raises(ConfigError, match=r"infer\.extent_target_area \(0\.5\) must be under infer\.extent_max_area"):
+        load_config("demo/vit_pcm", ["infer.extent_target_area=0.5"])
+    with pytest.raises(ConfigError, match=r"infer\.extent_max_area: a share of the pixels, 0-1; got 40"):
+        load_config(None, ["infer.extent_max_area=40"])
+    assert load_config(None, ["infer.extent_max_area=0", "infer.extent_target_area=0.5"]).infer.extent_target_area == 0.5
+
+
 def test_type_errors_are_named():
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
         load_config(None, ["train.epochs=three"])

@@ -20,10 +20,12 @@ def voc(tmp_path_factory):
     return make_voc(tmp_path_factory.mktemp("voc"))
 
 
-def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True, max_area: float = 0.0):
+def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True, max_area: float = 0.0,
+         target_area: float = 0.25):
     cfg = make_cfg(voc, epochs=1, val_every=0, method={"has_background": has_background})  # last.pt only
     cfg.infer.extent_guard = guard
     cfg.infer.extent_max_area = max_area  # 0: the grow side alone, unless a test asks for the shrink side
+    cfg.infer.extent_target_area = target_area
     train(cfg, tmp_path / name, progress=False)
     return tmp_path / name
 
@@ -128,14 +130,15 @@ def test_extent_guard_flag_turns_it_on_for_a_run_configured_without_it(voc, tmp_
 
 
 def test_pseudo_label_shrinks_masks_over_the_area_bound(voc, tmp_path, capsys):
-    run = _run(voc, tmp_path, "wide", guard=1e-6, max_area=1e-6)  # the masks keep enough and cover too much
+    # the masks keep enough and cover too much; the target under the bound, as the config requires
+    run = _run(voc, tmp_path, "wide", guard=1e-6, max_area=1e-6, target_area=5e-7)
     off = pseudo_label(run, voc, "val", tmp_path / "off", extent_guard=False, progress=False)
     res = pseudo_label(run, voc, "val", tmp_path / "on", progress=False)
     e = res["extent"]
     assert e["max_area"] == 1e-6 and set(e["area"]) == {f"{p:g}" for p in ext.POWERS}  # the whole grid
-    # the largest masks within the target area (the config's default), else the smallest masks of the grid
-    assert e["target_area"] == 0.25
-    within = [s for s in e["area"] if e["area"][s] <= 0.25]
+    # the largest masks within the target area, else (here, unless a mask is empty) the smallest of the grid
+    assert e["target_area"] == 5e-7
+    within = [s for s in e["area"] if e["area"][s] <= 5e-7]
     want = max(within, key=lambda s: e["area"][s]) if within else min(e["area"], key=lambda s: e["area"][s])
     assert f"{e['chosen']:g}" == want and e["chosen"] < 1
     assert "too large" in capsys.readouterr().err

@@ -182,15 +182,23 @@ class InferConfig:
     # the run's first `extent_images` tagged train images keep under this share of the classifier's score for
     # their classes, the knob (bg_threshold, or bg_power) moves to larger masks. 0: off. Once per checkpoint.
     extent_guard: float = 0.0
-    # With the guard on: where those masks cover more than this share of the pixels on average (far above the
-    # objects' share in VOC, COCO and the benchmark families), the knob moves to smaller masks. 0: the guard
-    # only grows.
+    # With the guard on: where those masks cover more than `extent_max_area` of the pixels on average (far
+    # above the objects' share in VOC, COCO and the benchmark families; 0: the guard only grows), the knob moves
+    # to the largest masks that cover at most `extent_target_area` (about VOC's objects' share; rule 25). Target
+    # 0: the smallest masks that keep the guard's share of the score (rule 24), which lands on the grid's end,
+    # as over-covering masks keep the whole score at any size.
     extent_max_area: float = 0.4
-    # ... to the largest masks that cover at most this share (about VOC's objects; rule 25). 0: to the smallest
-    # masks that keep the guard's share of the score instead (rule 24), which the over-covering runs all keep.
     extent_target_area: float = 0.25
     extent_images: int = 16
     crf: CRFConfig = field(default_factory=CRFConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("extent_max_area", "extent_target_area"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"infer.{key}: a share of the pixels, 0-1; got {getattr(self, key)!r}")
+        if self.extent_max_area > 0 and self.extent_target_area >= self.extent_max_area:
+            raise ConfigError(f"infer.extent_target_area ({self.extent_target_area!r}) must be under "
+                              f"infer.extent_max_area ({self.extent_max_area!r}): the masks it applies to cover more")
 
 
 @dataclass

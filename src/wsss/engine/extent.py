@@ -14,7 +14,7 @@ So the shrink side is triggered by the masks' area instead: where they cover mor
 COCO's things (about a third) and every benchmark family (6-22%), the knob moves to the largest masks that
 cover at most `infer.extent_target_area` (0.25, VOC's share; rule 25). The score cannot pick that size, as
 every smaller setting keeps it too: taking the smallest masks that keep the bar (rule 24, target area 0) lands
-on the grid's end and cut into the objects of the small-image family.
+on the grid's end, which cuts into the objects of the small-image family.
 
 The knob: the constant background score (`infer.bg_threshold`) for methods without a background channel,
 the power on the background channel (`infer.bg_power`, > 1 grows the masks) for those with one. The choice
