@@ -198,7 +198,8 @@ class InferConfig:
                 raise ConfigError(f"infer.{key}: a share of the pixels, 0-1; got {getattr(self, key)!r}")
         if self.extent_max_area > 0 and self.extent_target_area >= self.extent_max_area:
             raise ConfigError(f"infer.extent_target_area ({self.extent_target_area!r}) must be under "
-                              f"infer.extent_max_area ({self.extent_max_area!r}): the masks it applies to cover more")
+                              f"infer.extent_max_area ({self.extent_max_area!r}), since the masks it shrinks cover "
+                              f"more; set it lower, or 0 for the smallest masks that keep infer.extent_guard's share")
 
 
 @dataclass
