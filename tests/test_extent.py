@@ -21,11 +21,12 @@ def voc(tmp_path_factory):
 
 
 def _run(voc, tmp_path, name: str, guard: float, has_background: bool = True, max_area: float = 0.0,
-         target_area: float = 0.25):
+         target_area: float | None = None):
     cfg = make_cfg(voc, epochs=1, val_every=0, method={"has_background": has_background})  # last.pt only
     cfg.infer.extent_guard = guard
     cfg.infer.extent_max_area = max_area  # 0: the grow side alone, unless a test asks for the shrink side
-    cfg.infer.extent_target_area = target_area
+    if target_area is not None:  # else the config's default
+        cfg.infer.extent_target_area = target_area
     train(cfg, tmp_path / name, progress=False)
     return tmp_path / name
 
